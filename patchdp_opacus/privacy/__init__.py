@@ -1,0 +1,50 @@
+"""The pure privacy layer (numpy, scipy, dp-accounting; never torch).
+
+* :mod:`.regions` — private-region shapes and masks;
+* :mod:`.geometry` — crop geometry and the exact worst-case inclusion probability ``p``;
+* :mod:`.accounting` — Theorem-2 PLD accounting: epsilon/delta, profiles, noise calibration;
+* :mod:`.baselines` — Gaussian-augmentation and data-level-noise baselines.
+"""
+
+from patchdp_opacus.privacy.accounting import (
+    DEFAULT_DISCRETIZATION,
+    SENSITIVITY,
+    PatchDPSGD,
+    calibrate_noise,
+    delta,
+    epsilon,
+    group_epsilon,
+    privacy_profile,
+)
+from patchdp_opacus.privacy.baselines import (
+    data_level_profile,
+    gaussian_augmentation_tv,
+    input_sensitivity,
+)
+from patchdp_opacus.privacy.geometry import (
+    CropGeometry,
+    InclusionProbability,
+    inclusion_probability,
+    mask_hit_counts,
+    rectangle_inclusion,
+)
+from patchdp_opacus.privacy.regions import (
+    Circle,
+    Cluster,
+    Crescent,
+    Mask,
+    PrivateRegion,
+    Rectangle,
+    Square,
+    Union,
+    as_region,
+    make_region,
+)
+
+__all__ = [
+    "DEFAULT_DISCRETIZATION", "SENSITIVITY", "PatchDPSGD", "calibrate_noise", "delta", "epsilon",
+    "group_epsilon", "privacy_profile", "data_level_profile", "gaussian_augmentation_tv",
+    "input_sensitivity", "CropGeometry", "InclusionProbability", "inclusion_probability",
+    "mask_hit_counts", "rectangle_inclusion", "Circle", "Cluster", "Crescent", "Mask",
+    "PrivateRegion", "Rectangle", "Square", "Union", "as_region", "make_region",
+]
