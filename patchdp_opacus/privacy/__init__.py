@@ -39,7 +39,10 @@ from patchdp_opacus.privacy.regions import (
     Union,
     as_region,
     make_region,
+    region_from_dict,
+    region_to_dict,
 )
+from patchdp_opacus.privacy.spec import PatchPrivacySpec
 
 __all__ = [
     "DEFAULT_DISCRETIZATION", "SENSITIVITY", "PatchDPSGD", "calibrate_noise", "delta", "epsilon",
@@ -47,4 +50,5 @@ __all__ = [
     "input_sensitivity", "CropGeometry", "InclusionProbability", "inclusion_probability",
     "mask_hit_counts", "rectangle_inclusion", "Circle", "Cluster", "Crescent", "Mask",
     "PrivateRegion", "Rectangle", "Square", "Union", "as_region", "make_region",
+    "region_from_dict", "region_to_dict", "PatchPrivacySpec",
 ]

@@ -198,3 +198,25 @@ def as_region(region) -> PrivateRegion:
 
 
 SHAPES = _SHAPES
+
+
+def region_to_dict(region: PrivateRegion) -> dict:
+    """JSON-able description from which :func:`region_from_dict` rebuilds the same mask."""
+    region = as_region(region)
+    if isinstance(region, Rectangle):
+        return {"shape": "rectangle", "size": [region.height, region.width]}
+    if isinstance(region, Circle):
+        return {"shape": "circle", "diameter": region.diameter}
+    if isinstance(region, (Crescent, Cluster)):
+        return {"shape": region.name, "size": [region.height, region.width]}
+    m = region.mask()
+    return {"shape": "mask", "rows": ["".join("1" if v else "0" for v in row) for row in m]}
+
+
+def region_from_dict(d: dict) -> PrivateRegion:
+    shape = d["shape"]
+    if shape == "circle":
+        return Circle(int(d["diameter"]))
+    if shape == "mask":
+        return Mask(np.array([[c == "1" for c in row] for row in d["rows"]], dtype=bool))
+    return make_region(shape, tuple(d["size"]))

@@ -1,0 +1,84 @@
+"""What a patch-level claim is about: crop geometry, private region and image sizes.
+
+One :class:`PatchPrivacySpec` is shared by the loader (which applies exactly this crop and
+refuses images of undeclared sizes) and the accountant (which uses its ``p``), so the geometry
+accounted for is the geometry applied.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from patchdp_opacus.privacy.geometry import (
+    CropGeometry,
+    InclusionProbability,
+    _as_size_list,
+    inclusion_probability,
+)
+from patchdp_opacus.privacy.regions import (
+    PrivateRegion,
+    as_region,
+    region_from_dict,
+    region_to_dict,
+)
+
+
+@dataclass(frozen=True, eq=False)
+class PatchPrivacySpec:
+    """crop: the random crop applied by the loader; region: the private region protected at
+    any placement; image_sizes: every ``(H, W)`` the data set may contain (``p`` is the worst
+    case over them); group_size: number of regions per image protected by group privacy (1 =
+    one region, or a :class:`~.regions.Union` mask); unchecked_transforms: names of user
+    transforms the pipeline inspection could not vouch for, accepted by an explicit override
+    (recorded in privacy reports)."""
+
+    crop: CropGeometry
+    region: PrivateRegion
+    image_sizes: tuple
+    group_size: int = 1
+    unchecked_transforms: tuple = field(default=())
+
+    def __post_init__(self):
+        if not isinstance(self.crop, CropGeometry):
+            object.__setattr__(self, "crop", CropGeometry(self.crop))
+        object.__setattr__(self, "region", as_region(self.region))
+        object.__setattr__(self, "image_sizes", tuple(_as_size_list(self.image_sizes)))
+        object.__setattr__(self, "unchecked_transforms", tuple(self.unchecked_transforms))
+        if int(self.group_size) < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        for size in self.image_sizes:  # fail early: crop must fit, region must fit
+            self.crop.axes(size)
+        _ = self.inclusion
+
+    @functools.cached_property
+    def inclusion(self) -> InclusionProbability:
+        return inclusion_probability(self.crop, self.image_sizes, self.region)
+
+    @property
+    def inclusion_probability(self) -> float:
+        """p as a float (exact fraction in ``self.inclusion.fraction``)."""
+        return self.inclusion.value
+
+    def to_dict(self) -> dict:
+        return {
+            "crop": self.crop.to_dict(),
+            "region": region_to_dict(self.region),
+            "image_sizes": [list(s) for s in self.image_sizes],
+            "group_size": int(self.group_size),
+            "unchecked_transforms": list(self.unchecked_transforms),
+            "inclusion_probability": self.inclusion.value,
+            "inclusion_fraction": f"{self.inclusion.fraction.numerator}/"
+                                  f"{self.inclusion.fraction.denominator}",
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PatchPrivacySpec":
+        return cls(CropGeometry.from_dict(d["crop"]), region_from_dict(d["region"]),
+                   tuple(tuple(s) for s in d["image_sizes"]), int(d.get("group_size", 1)),
+                   tuple(d.get("unchecked_transforms", ())))
+
+    def same_geometry(self, other: "PatchPrivacySpec") -> bool:
+        a, b = self.to_dict(), other.to_dict()
+        a.pop("unchecked_transforms"), b.pop("unchecked_transforms")
+        return a == b
