@@ -185,7 +185,8 @@ def group_epsilon(run: PatchDPSGD, delta: float, group_size: int,
     ``(e, d)``-DP for one region it is ``(k e, k e^{(k-1) e} d)``-DP for ``k`` regions.
 
     Searches the single-region ``e`` on a fine grid and returns the smallest valid ``k e``
-    (valid for every grid point; a tighter alternative is one :class:`~.regions.Union` mask)."""
+    (valid for every grid point; a tighter alternative is one :class:`~.regions.Union` mask).
+    Returns ``inf`` when no single-region ``e <= 1e4`` satisfies the conversion."""
     _check_delta(delta)
     k = int(group_size)
     if k < 1:
@@ -196,7 +197,7 @@ def group_epsilon(run: PatchDPSGD, delta: float, group_size: int,
         return 0.0
     pld = _pld(run, discretization)
     hi = max(1.0, float(pld.get_epsilon_for_delta(delta / k)))
-    grid = np.linspace(0.0, hi * 4 + 10, 20001)
+    grid = np.concatenate([np.linspace(0.0, hi * 4, 20001), np.geomspace(hi * 4, 1e4, 2001)])
     d = np.asarray(pld.get_delta_for_epsilon(grid), dtype=float)
     ok = k * np.exp((k - 1) * grid) * d <= delta
     if not ok.any():
