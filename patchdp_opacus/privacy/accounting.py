@@ -186,7 +186,7 @@ def group_epsilon(run: PatchDPSGD, delta: float, group_size: int,
 
     Searches the single-region ``e`` on a fine grid and returns the smallest valid ``k e``
     (valid for every grid point; a tighter alternative is one :class:`~.regions.Union` mask).
-    Returns ``inf`` when no single-region ``e <= 1e4`` satisfies the conversion."""
+    Returns ``inf`` when no single-region ``e <= 700`` satisfies the conversion."""
     _check_delta(delta)
     k = int(group_size)
     if k < 1:
@@ -197,9 +197,10 @@ def group_epsilon(run: PatchDPSGD, delta: float, group_size: int,
         return 0.0
     pld = _pld(run, discretization)
     hi = max(1.0, float(pld.get_epsilon_for_delta(delta / k)))
-    grid = np.concatenate([np.linspace(0.0, hi * 4, 20001), np.geomspace(hi * 4, 1e4, 2001)])
+    grid = np.concatenate([np.linspace(0.0, hi * 4, 20001), np.geomspace(hi * 4, max(hi * 4, 700.0), 2001)])
     d = np.asarray(pld.get_delta_for_epsilon(grid), dtype=float)
-    ok = k * np.exp((k - 1) * grid) * d <= delta
+    with np.errstate(divide="ignore"):
+        ok = math.log(k) + (k - 1) * grid + np.log(np.maximum(d, 0.0)) <= math.log(delta)
     if not ok.any():
         return math.inf
     return float(k * grid[np.argmax(ok)])
