@@ -144,9 +144,21 @@ class PatchDPSGD:
         return PatchDPSGD(self.noise_multiplier, self.sample_rate, 1.0, self.steps)
 
 
-def _pld(run: PatchDPSGD, discretization: float):
-    return composed_pld(float(run.noise_multiplier), run.effective_sample_rate, int(run.steps),
-                        discretization)
+def _runs(run_or_runs) -> list[PatchDPSGD]:
+    runs = [run_or_runs] if isinstance(run_or_runs, PatchDPSGD) else list(run_or_runs)
+    return [r for r in runs if r.steps > 0]
+
+
+def _pld(run_or_runs, discretization: float):
+    """PLD of one run, or of several runs composed in sequence (e.g. a changing noise
+    multiplier: Opacus' accountant history)."""
+    runs = _runs(run_or_runs)
+    pld = None
+    for r in runs:
+        cur = composed_pld(float(r.noise_multiplier), r.effective_sample_rate, int(r.steps),
+                           discretization)
+        pld = cur if pld is None else pld.compose(cur)
+    return pld
 
 
 def _check_delta(delta):
@@ -154,27 +166,28 @@ def _check_delta(delta):
         raise ValueError(f"delta must be in (0, 1) (per run), got {delta}")
 
 
-def epsilon(run: PatchDPSGD, delta: float, discretization: float = DEFAULT_DISCRETIZATION) -> float:
+def epsilon(run, delta: float, discretization: float = DEFAULT_DISCRETIZATION) -> float:
     """Smallest ``eps`` (nats) with the run ``(eps, delta)``-DP under patch-level substitution
-    (an upper bound: the PLD is pessimistic).  0 when no step was taken."""
+    (an upper bound: the PLD is pessimistic).  ``run`` is a :class:`PatchDPSGD` or a sequence
+    of them composed in order.  0 when no step was taken."""
     _check_delta(delta)
-    if run.steps == 0:
+    if not _runs(run):
         return 0.0
     return max(0.0, float(_pld(run, discretization).get_epsilon_for_delta(delta)))
 
 
-def delta(run: PatchDPSGD, eps: float, discretization: float = DEFAULT_DISCRETIZATION) -> float:
-    """``delta(eps)`` of the whole run (an upper bound)."""
-    if run.steps == 0:
+def delta(run, eps: float, discretization: float = DEFAULT_DISCRETIZATION) -> float:
+    """``delta(eps)`` of the whole run (or sequence of runs; an upper bound)."""
+    if not _runs(run):
         return max(0.0, 1.0 - math.exp(eps))
     return float(_pld(run, discretization).get_delta_for_epsilon(eps))
 
 
-def privacy_profile(run: PatchDPSGD, epsilons, discretization: float = DEFAULT_DISCRETIZATION
+def privacy_profile(run, epsilons, discretization: float = DEFAULT_DISCRETIZATION
                     ) -> np.ndarray:
-    """``delta(eps)`` of the run for each ``eps`` of a grid."""
+    """``delta(eps)`` of the run (or sequence of runs) for each ``eps`` of a grid."""
     eps = np.asarray(epsilons, dtype=float)
-    if run.steps == 0:
+    if not _runs(run):
         return np.maximum(0.0, 1.0 - np.exp(eps))
     return np.asarray(_pld(run, discretization).get_delta_for_epsilon(eps), dtype=float)
 
@@ -193,7 +206,7 @@ def group_epsilon(run: PatchDPSGD, delta: float, group_size: int,
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if k == 1:
         return epsilon(run, delta, discretization)
-    if run.steps == 0:
+    if not _runs(run):
         return 0.0
     pld = _pld(run, discretization)
     hi = max(1.0, float(pld.get_epsilon_for_delta(delta / k)))
