@@ -1,0 +1,232 @@
+"""Fixed-size batch samplers that also draw each sample's crop origin.
+
+Theorem 2 of the analysis assumes *fixed-size* batches drawn *uniformly without replacement*,
+independently at every step: each step's batch is a uniformly random set of ``B`` distinct
+indices out of ``N`` (not a shuffled partition of the epoch), so every record is in a given
+batch with probability ``q = B / N`` and steps are independent.
+
+Crop tokens
+-----------
+Every item a sampler yields is a :class:`CropToken` ``(index, u_y, u_x)``: the dataset index
+and two uniform random integers from which the cropping dataset derives the crop origin,
+``origin_y = u_y mod (S_y + 1)`` (likewise ``x``; ``S_y + 1`` is the number of crop origins on
+that axis, see :class:`~patchdp_opacus.privacy.geometry.AxisGeometry`).  Because the tokens
+are drawn here, in the main process, from the sampler's own generator:
+
+* origins never repeat across DataLoader workers or epochs (workers only execute tokens);
+* a run is reproducible from one seed, whatever ``num_workers`` is;
+* they survive Opacus' ``BatchMemoryManager``, which rebuilds a plain ``DataLoader`` around the
+  same ``dataset`` and ``batch_sampler`` (it turns each token into a list ``[index, u_y,
+  u_x]``; the cropping dataset accepts both).
+
+Exactness: ``u`` is drawn uniformly from ``[0, M)`` by rejection sampling, so it is exactly
+uniform (given uniform generator words).  The loader sets ``M`` per axis to the least common
+multiple of the origin counts of every declared image size, so ``u mod (S + 1)`` is exactly
+uniform too.  Without moduli (or when the lcm exceeds ``2**62``) ``M = 2**62`` and the origin
+distribution is off uniform by at most ``(S + 1) / 2**62`` per origin (total variation), about
+``5e-16`` for ``S + 1 = 2048``.  Batch indices are drawn exactly as well (partial Fisher-Yates
+with exact uniform integers), unlike ``torch.randperm`` whose CPU draw reduces 32-bit words
+modulo ``n``.
+
+Randomness sources
+------------------
+By default a ``torch.Generator`` (attribute :attr:`generator`, replaceable, e.g. by Opacus'
+``switch_generator``).  Exact uniform integers come from 62-bit words ``torch.randint(0,
+2**62)`` (torch reduces a 64-bit word modulo ``2**62``, which is exact) and rejection.
+``secure=True`` draws indices and crop origins from the operating system's CSPRNG (Python's
+:mod:`secrets`) instead.  It covers *only* those two (which records are in a batch and where
+they are cropped); it does not cover Opacus' gradient noise, which comes from
+``PrivacyEngine``'s noise generator (use a secure noise source there too), and a secure run
+is not reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Iterator, NamedTuple, Sequence
+
+import torch
+from torch.utils.data import BatchSampler
+
+logger = logging.getLogger(__name__)
+
+#: Width of one random word: ``torch.randint(0, 2**62)`` is exactly uniform (2**62 divides 2**64).
+WORD_BITS = 62
+WORD = 1 << WORD_BITS
+
+
+class CropToken(NamedTuple):
+    """What the sampler yields per sample: dataset ``index`` and the crop-origin draws
+    ``u_y``, ``u_x`` (uniform in ``[0, M_y)``, ``[0, M_x)``; origin = ``u mod (S + 1)``)."""
+
+    index: int
+    u_y: int
+    u_x: int
+
+
+def steps_per_epoch_for(num_samples: int, batch_size: int) -> int:
+    """Default steps per epoch: ``N / B`` rounded to the nearest integer (halves up), at least 1."""
+    return max(1, (2 * num_samples + batch_size) // (2 * batch_size))
+
+
+def uniform_below(bounds: Sequence[int], generator: torch.Generator | None) -> list[int]:
+    """Exactly uniform integers ``r_i`` in ``[0, bounds_i)`` for each ``1 <= bounds_i <= 2**62``.
+
+    Draws 62-bit words ``w`` from ``generator`` and accepts ``w < 2**62 - (2**62 mod b)``
+    (the largest multiple of ``b``), returning ``w mod b``; rejected entries are re-drawn
+    (probability ``< b / 2**62`` each).  Deterministic given the generator state."""
+    if len(bounds) == 0:
+        return []
+    b = torch.as_tensor(list(bounds), dtype=torch.int64)
+    if int(b.min()) < 1 or int(b.max()) > WORD:
+        raise ValueError(f"bounds must lie in [1, 2**{WORD_BITS}], got {list(bounds)}")
+    limit = WORD - torch.remainder(torch.full_like(b, WORD), b)
+    out = torch.empty_like(b)
+    todo = torch.arange(b.numel())
+    while todo.numel():
+        words = torch.randint(0, WORD, (todo.numel(),), generator=generator, dtype=torch.int64)
+        ok = words < limit[todo]
+        out[todo[ok]] = torch.remainder(words[ok], b[todo[ok]])
+        todo = todo[~ok]
+    return out.tolist()
+
+
+def _secure_below(bounds: Sequence[int]) -> list[int]:
+    return [secrets.randbelow(int(n)) for n in bounds]
+
+
+def _check_moduli(origin_moduli) -> tuple[int, int]:
+    if origin_moduli is None:
+        return WORD, WORD
+    my, mx = (int(m) for m in origin_moduli)
+    if not (1 <= my <= WORD and 1 <= mx <= WORD):
+        raise ValueError(f"origin_moduli must lie in [1, 2**{WORD_BITS}], got {origin_moduli!r}")
+    return my, mx
+
+
+class FixedSizeBatchSampler(BatchSampler):
+    """Every step: ``B`` distinct indices, uniformly without replacement, independent of all
+    other steps; each yielded as a :class:`CropToken`.
+
+    Args:
+        num_samples: ``N``, the dataset size.
+        batch_size: ``B`` (``1 <= B <= N``).
+        steps_per_epoch: length of an "epoch"; default ``round(N / B)`` (halves up, >= 1).
+            Only bookkeeping: steps are independent, there is no epoch partition.
+        generator: ``torch.Generator`` to draw from (default: a new one seeded from torch's
+            global RNG, so ``torch.manual_seed`` makes runs reproducible).
+        secure: draw indices and crop origins from the OS CSPRNG (:mod:`secrets`) instead of
+            ``generator`` (not reproducible; does not cover Opacus' noise).
+        origin_moduli: ``(M_y, M_x)``, ranges of ``u_y``, ``u_x``; default ``2**62`` each (see
+            the module docstring for the bias bound).  The loader passes exact moduli.
+
+    Subclasses ``BatchSampler`` (``drop_last`` is always False) so that Opacus recognises it:
+    ``BatchMemoryManager`` reads :attr:`batch_size` for its length estimate and
+    ``switch_generator`` sets ``batch_sampler.sampler.generator`` (:attr:`sampler` is this
+    object itself, so that replaces :attr:`generator`).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, steps_per_epoch: int | None = None,
+                 generator: torch.Generator | None = None, secure: bool = False, *,
+                 origin_moduli: tuple[int, int] | None = None):
+        num_samples, batch_size = int(num_samples), int(batch_size)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not 1 <= batch_size <= num_samples:
+            raise ValueError(f"batch_size must be in [1, num_samples={num_samples}] (sampling is "
+                             f"without replacement), got {batch_size}")
+        if steps_per_epoch is None:
+            steps_per_epoch = steps_per_epoch_for(num_samples, batch_size)
+        if int(steps_per_epoch) < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        if secure and generator is not None:
+            raise ValueError("secure=True draws from the OS CSPRNG (secrets); do not also pass a "
+                             "generator")
+        self.num_samples = num_samples
+        self.global_batch_size = batch_size
+        self.batch_size = batch_size
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.drop_last = False
+        self.secure = bool(secure)
+        self.origin_moduli = _check_moduli(origin_moduli)
+        if generator is None and not self.secure:
+            generator = torch.Generator()
+            generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        self.generator = generator
+
+    @property
+    def sampler(self):
+        """This object (Opacus' ``switch_generator`` sets ``batch_sampler.sampler.generator``)."""
+        return self
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def _below(self, bounds: Sequence[int]) -> list[int]:
+        return _secure_below(bounds) if self.secure else uniform_below(bounds, self.generator)
+
+    def draw_global_batch(self) -> list[CropToken]:
+        """One step's global batch: ``B`` distinct uniform indices (ordered uniformly at
+        random) and their crop-origin draws.  Advances the generator."""
+        n, b = self.num_samples, self.global_batch_size
+        my, mx = self.origin_moduli
+        r = self._below([n - i for i in range(b)] + [my] * b + [mx] * b)
+        # Partial Fisher-Yates on a virtual array a = [0, ..., N-1]: swap a[i] with a[i + r_i].
+        moved: dict[int, int] = {}
+        indices = []
+        for i in range(b):
+            j = i + r[i]
+            a_i, a_j = moved.get(i, i), moved.get(j, j)
+            moved[j] = a_i
+            indices.append(a_j)
+        return [CropToken(idx, uy, ux) for idx, uy, ux in zip(indices, r[b:2 * b], r[2 * b:])]
+
+    def _local(self, tokens: list[CropToken]) -> list[CropToken]:
+        return tokens
+
+    def __iter__(self) -> Iterator[list[CropToken]]:
+        for _ in range(self.steps_per_epoch):
+            yield self._local(self.draw_global_batch())
+
+
+class DistributedFixedSizeBatchSampler(FixedSizeBatchSampler):
+    """Distributed version: every rank draws the same global batch of ``B`` tokens from a
+    generator seeded with the shared ``seed`` and keeps its slice
+    ``[rank * B / R, (rank + 1) * B / R)``.  The union of the ranks' slices is exactly the
+    batch a single-process :class:`FixedSizeBatchSampler` with a generator seeded by ``seed``
+    yields.
+
+    ``batch_size`` is the *per-rank* slice ``B / R`` (what one rank's loader yields);
+    ``global_batch_size`` is ``B``; ``len()`` is the number of global steps per epoch.
+    ``secure=True`` is refused: independent OS draws cannot agree across ranks.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, num_replicas: int, rank: int,
+                 seed: int, steps_per_epoch: int | None = None, *,
+                 origin_moduli: tuple[int, int] | None = None, secure: bool = False):
+        if secure:
+            raise ValueError("secure=True is not supported with distributed sampling: the ranks "
+                             "must draw the same global batch, which needs a shared seed")
+        num_replicas, rank = int(num_replicas), int(rank)
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got "
+                             f"num_replicas={num_replicas}, rank={rank}")
+        if int(batch_size) % num_replicas:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the world size "
+                             f"{num_replicas}: every rank must get the same share of the global "
+                             f"batch; choose a batch size that is a multiple of {num_replicas}")
+        if seed is None:
+            raise ValueError("distributed sampling needs a seed shared by all ranks")
+        generator = torch.Generator()
+        generator.manual_seed(int(seed))
+        super().__init__(num_samples, batch_size, steps_per_epoch, generator,
+                         origin_moduli=origin_moduli)
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = int(seed)
+        self.batch_size = self.global_batch_size // num_replicas
+
+    def _local(self, tokens: list[CropToken]) -> list[CropToken]:
+        start = self.rank * self.batch_size
+        return tokens[start:start + self.batch_size]
