@@ -91,6 +91,17 @@ def test_epsilon_json_equals_privacy_layer(capsys, shape):
     assert res["geometry"]["worst_image_size"] == list(inc.image_size)
 
 
+@pytest.mark.parametrize("n, b", [(2975, 200), (1000, 300), (5, 2), (25, 10), (7, 7)])
+def test_epochs_count_steps_like_the_loader(capsys, n, b):
+    """Steps per epoch agree with the sampler the loader uses (ties 2.5 -> 3)."""
+    sampler = pytest.importorskip("patchdp_opacus.plugin.sampler")
+    res = run_json(capsys, "epsilon", *SMALL[:9], "--dataset-size", n, "--batch-size", b,
+                   "--epochs", 2, "--noise-multiplier", 5, "--delta", 1e-5,
+                   "--discretization", 1e-2)
+    assert res["steps_per_epoch"] == sampler.steps_per_epoch_for(n, b)
+    assert res["steps"] == 2 * res["steps_per_epoch"]
+
+
 def test_epsilon_group_size_uses_group_privacy(capsys):
     res = run_json(capsys, "epsilon", *SMALL, "--noise-multiplier", 1, "--delta", 1e-5,
                    "--group-size", 2)

@@ -122,7 +122,7 @@ def _add_training(parser) -> None:
                         "(sampling rate q = B/N)")
     length = g.add_mutually_exclusive_group(required=True)
     length.add_argument("--epochs", type=_count, metavar="E",
-                        help="training epochs; steps = E x round(N/B)")
+                        help="training epochs; steps = E x round(N/B), halves rounded up")
     length.add_argument("--steps", type=_count, metavar="T", help="logical DP-SGD steps")
 
 
@@ -314,7 +314,9 @@ def _schedule(args) -> Schedule:
                          f"q = B/N must be <= 1)")
     if args.steps is not None:
         return Schedule(n, b, args.steps)
-    per_epoch = round(n / b)  # the project convention (Python rounds .5 ties to even)
+    # round(N/B) with halves up, as the loader's sampler counts an epoch
+    # (patchdp_opacus.plugin.sampler.steps_per_epoch_for, not imported here: it needs torch).
+    per_epoch = max(1, math.floor(Fraction(n, b) + Fraction(1, 2)))
     return Schedule(n, b, args.epochs * per_epoch, args.epochs, per_epoch)
 
 
