@@ -1,0 +1,271 @@
+"""The random crop, applied to one sample from a crop token.
+
+Geometry (sizes are ``(height, width)`` in pixels; see
+:class:`~patchdp_opacus.privacy.geometry.CropGeometry`): an ``H x W`` image is padded with
+``(top, bottom, left, right) = CropGeometry.pad_offsets((H, W))`` constant pixels, giving
+``H' x W'``; the crop of ``c_h x c_w`` pixels has its top-left corner at the padded origin
+``(i, j)`` with ``0 <= i <= S_y = H' - c_h`` and ``0 <= j <= S_x = W' - c_w``.  From a token
+``(index, u_y, u_x)`` the origin is ``i = u_y mod (S_y + 1)``, ``j = u_x mod (S_x + 1)``
+(uniform when ``u`` is uniform over a multiple of ``S + 1``, see :func:`token_moduli`).
+
+Padding is constant: images get ``0`` (after the user's transforms, so after ``Normalize``
+a zero is the mean colour), masks get the ignore index (``255`` by default, never ``0``, which
+is a real class in most label sets).  The padded image is never materialised: the crop window
+is intersected with the image and the rest is filled.
+
+Every image's size must be one of the declared ``image_sizes`` (``p`` is the worst case over
+exactly those sizes); any other size raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from patchdp_opacus.privacy.geometry import CropGeometry
+from patchdp_opacus.privacy.spec import PatchPrivacySpec
+from patchdp_opacus.plugin.sampler import WORD
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_IGNORE_INDEX = 255
+
+try:  # PIL is a torchvision dependency; keep the module importable without it
+    from PIL import Image as _PILImage
+except ImportError:  # pragma: no cover
+    _PILImage = None
+
+
+def _is_pil(x) -> bool:
+    return _PILImage is not None and isinstance(x, _PILImage.Image)
+
+
+def image_size_of(image) -> tuple[int, int]:
+    """``(H, W)`` of an image: tensor ``[..., H, W]`` (``[H, W]`` or ``[C, H, W]``), numpy
+    ``H x W`` or ``H x W x C``, or a PIL image."""
+    if isinstance(image, torch.Tensor):
+        if image.ndim < 2:
+            raise ValueError(f"image tensor must have shape [H, W] or [C, H, W], got "
+                             f"{tuple(image.shape)}")
+        return int(image.shape[-2]), int(image.shape[-1])
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3):
+            raise ValueError(f"image array must have shape H x W or H x W x C, got {image.shape}")
+        return int(image.shape[0]), int(image.shape[1])
+    if _is_pil(image):
+        return int(image.size[1]), int(image.size[0])
+    raise TypeError(f"cannot crop a {type(image).__name__}: expected a torch tensor [C, H, W], "
+                    f"a numpy array H x W x C or a PIL image")
+
+
+def _is_spatial(x) -> bool:
+    return (isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim >= 2) or _is_pil(x)
+
+
+def _target_size(x) -> tuple[int, int]:
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[-2]), int(x.shape[-1])
+    if isinstance(x, np.ndarray):
+        return int(x.shape[0]), int(x.shape[1])
+    return int(x.size[1]), int(x.size[0])
+
+
+def token_moduli(crop: CropGeometry, image_sizes: Iterable) -> tuple[int, int]:
+    """Per-axis ranges ``(M_y, M_x)`` for the token draws ``u`` such that ``u mod (S + 1)`` is
+    exactly uniform for every declared image size: ``M`` = lcm of the origin counts ``S + 1``
+    over the sizes.  Falls back to ``2**62`` on an axis whose lcm exceeds it (bias
+    ``<= (S + 1) / 2**62``)."""
+    spec_sizes = [tuple(s) for s in image_sizes]
+    moduli = []
+    for axis in (0, 1):
+        m = math.lcm(*(crop.axes(s)[axis].num_origins for s in spec_sizes))
+        if m > WORD:
+            logger.info("origin-count lcm on axis %d exceeds 2**62; crop origins use u mod (S+1) "
+                        "with u < 2**62 (bias <= (S+1)/2**62)", axis)
+            m = WORD
+        moduli.append(m)
+    return moduli[0], moduli[1]
+
+
+def crop_origin(crop: CropGeometry, image_size, u_y: int, u_x: int) -> tuple[int, int]:
+    """Padded top-left ``(i, j) = (u_y mod (S_y + 1), u_x mod (S_x + 1))``."""
+    ay, ax = crop.axes(image_size)
+    return int(u_y) % ay.num_origins, int(u_x) % ax.num_origins
+
+
+class _Window:
+    """Crop window in image coordinates: output ``[dy0:dy1, dx0:dx1]`` takes image
+    ``[y0:y1, x0:x1]``; everything else is fill."""
+
+    def __init__(self, crop: CropGeometry, image_size, origin):
+        h, w = image_size
+        ch, cw = crop.crop_size
+        top, _, left, _ = crop.pad_offsets(image_size)
+        ys, xs = origin[0] - top, origin[1] - left  # crop top-left in image coordinates
+        self.size = (ch, cw)
+        self.y0, self.y1 = min(max(ys, 0), h), min(max(ys + ch, 0), h)
+        self.x0, self.x1 = min(max(xs, 0), w), min(max(xs + cw, 0), w)
+        self.dy0, self.dx0 = self.y0 - ys, self.x0 - xs
+        self.dy1, self.dx1 = self.dy0 + (self.y1 - self.y0), self.dx0 + (self.x1 - self.x0)
+        self.inside = (self.y1 - self.y0, self.x1 - self.x0) == self.size
+        # padding is possible for this geometry: check the fill value on every crop, not only
+        # on the crops that happen to reach the border
+        self.may_pad = any(crop.pad_offsets(image_size))
+
+
+def _fill_error(dtype_name: str, fill, is_mask: bool) -> TypeError:
+    what = "mask" if is_mask else "image"
+    return TypeError(f"{what} of dtype {dtype_name} cannot hold the padding value {fill}; use a "
+                     f"dtype that can, e.g. uint8 or int64 for masks")
+
+
+def _crop_tensor(x: torch.Tensor, win: _Window, fill, is_mask: bool) -> torch.Tensor:
+    if win.may_pad and (x.dtype == torch.bool or (
+            not x.dtype.is_floating_point and not x.dtype.is_complex
+            and not torch.iinfo(x.dtype).min <= fill <= torch.iinfo(x.dtype).max)):
+        raise _fill_error(str(x.dtype), fill, is_mask)
+    if win.inside:
+        out = x[..., win.y0:win.y1, win.x0:win.x1].contiguous()
+    else:
+        out = torch.full((*x.shape[:-2], *win.size), fill, dtype=x.dtype, device=x.device)
+        out[..., win.dy0:win.dy1, win.dx0:win.dx1] = x[..., win.y0:win.y1, win.x0:win.x1]
+    if type(x) is not torch.Tensor:  # keep tensor subclasses (torchvision tv_tensors)
+        out = out.as_subclass(type(x))
+    return out
+
+
+def _crop_array(x: np.ndarray, win: _Window, fill, is_mask: bool) -> np.ndarray:
+    if win.may_pad and (x.dtype == bool or (
+            np.issubdtype(x.dtype, np.integer)
+            and not np.iinfo(x.dtype).min <= fill <= np.iinfo(x.dtype).max)):
+        raise _fill_error(str(x.dtype), fill, is_mask)
+    if win.inside:
+        return np.ascontiguousarray(x[win.y0:win.y1, win.x0:win.x1])
+    out = np.full(win.size + x.shape[2:], fill, dtype=x.dtype)
+    out[win.dy0:win.dy1, win.dx0:win.dx1] = x[win.y0:win.y1, win.x0:win.x1]
+    return out
+
+
+def _crop_pil(x, win: _Window, fill, is_mask: bool):
+    box = (win.x0, win.y0, win.x1, win.y1)
+    if win.may_pad and x.mode == "1" and fill not in (0, 1):
+        raise _fill_error("PIL mode '1'", fill, is_mask)
+    if win.inside:
+        return x.crop(box)
+    out = _PILImage.new(x.mode, (win.size[1], win.size[0]),
+                        fill if len(x.getbands()) == 1 else (fill,) * len(x.getbands()))
+    if x.mode in ("P", "PA"):
+        out.putpalette(x.getpalette())
+    if win.y1 > win.y0 and win.x1 > win.x0:
+        out.paste(x.crop(box), (win.dx0, win.dy0))
+    return out
+
+
+def crop_array_like(x, crop: CropGeometry, image_size, origin, fill, *, is_mask: bool = False):
+    """Cut the ``crop_size`` window at padded ``origin`` from ``x`` (tensor / numpy / PIL) of
+    spatial size ``image_size``, filling the padding with ``fill``; the type is kept."""
+    win = _Window(crop, image_size, origin)
+    if isinstance(x, torch.Tensor):
+        return _crop_tensor(x, win, fill, is_mask)
+    if isinstance(x, np.ndarray):
+        return _crop_array(x, win, fill, is_mask)
+    if _is_pil(x):
+        return _crop_pil(x, win, fill, is_mask)
+    raise TypeError(f"cannot crop a {type(x).__name__}")
+
+
+def undeclared_size_error(size, declared) -> ValueError:
+    h, w = size
+    listed = ", ".join(f"({a}, {b})" for a, b in declared)
+    return ValueError(
+        f"image of size (height={h}, width={w}) is not one of the declared image sizes "
+        f"[{listed}] (height, width): the inclusion probability p, and so the privacy "
+        f"accounting, covers only those. Declare it (image_sizes=[..., ({h}, {w})]) or resize "
+        f"every image to a declared size with a deterministic Resize in the dataset's transform")
+
+
+def crop_sample(sample: Any, crop: CropGeometry, u_y: int, u_x: int, *,
+                image_sizes: Sequence | None = None, image_fill=0,
+                ignore_index=DEFAULT_IGNORE_INDEX):
+    """Crop one sample with the origin derived from ``(u_y, u_x)``.
+
+    Sample formats: a bare image; ``(image, target, ...)`` tuples/lists, where every further
+    element that is spatial (a tensor/array with >= 2 dims, or a PIL image) is a mask of the
+    image's size and is cropped at the same origin with ``ignore_index`` padding, while
+    non-spatial elements (int / 0-d or 1-d tensors: class labels) are left alone; dicts with an
+    ``"image"`` key, other spatial values treated as masks.  Types are kept.
+
+    Raises ``ValueError`` if the image size is not in ``image_sizes`` (when given), if a
+    spatial target's size differs from the image's, or if the crop does not fit.
+    """
+    if isinstance(sample, dict):
+        if "image" not in sample:
+            raise ValueError(f"dict samples need an 'image' key, got keys {sorted(sample)}")
+        keys = ["image"] + [k for k in sample if k != "image"]
+        items = [sample[k] for k in keys]
+    elif isinstance(sample, (tuple, list)):
+        if not sample:
+            raise ValueError("empty sample")
+        items = list(sample)
+    else:
+        items = [sample]
+    size = image_size_of(items[0])
+    if image_sizes is not None and size not in {tuple(s) for s in image_sizes}:
+        raise undeclared_size_error(size, image_sizes)
+    origin = crop_origin(crop, size, u_y, u_x)
+    out = [crop_array_like(items[0], crop, size, origin, image_fill)]
+    for pos, item in enumerate(items[1:], start=1):
+        if not _is_spatial(item):
+            out.append(item)
+            continue
+        if _target_size(item) != size:
+            raise ValueError(
+                f"sample element {pos} looks spatial (shape/size {_target_size(item)}) but does "
+                f"not match the image size {size} (height, width); masks must have the image's "
+                f"size, labels must be scalars or 1-D")
+        out.append(crop_array_like(item, crop, size, origin, ignore_index, is_mask=True))
+    if isinstance(sample, dict):
+        cropped = dict(zip(keys, out))
+        return {k: cropped[k] for k in sample}
+    if isinstance(sample, tuple):
+        return type(sample)(*out) if hasattr(sample, "_fields") else tuple(out)
+    if isinstance(sample, list):
+        return out
+    return out[0]
+
+
+class CroppingDataset(Dataset):
+    """Wraps a map-style dataset; ``__getitem__`` takes a crop token ``(index, u_y, u_x)``
+    (a :class:`~patchdp_opacus.plugin.sampler.CropToken`, tuple or list), loads
+    ``dataset[index]`` (with the user's transforms) and crops it per ``spec.crop``, checking the
+    image size against ``spec.image_sizes``.  ``len()`` is the wrapped dataset's length."""
+
+    def __init__(self, dataset, spec: PatchPrivacySpec, *, image_fill=0,
+                 ignore_index=DEFAULT_IGNORE_INDEX):
+        self.dataset = dataset
+        self.spec = spec
+        self.image_fill = image_fill
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, token):
+        if isinstance(token, (int, np.integer)) or (isinstance(token, torch.Tensor)
+                                                     and token.ndim == 0):
+            raise TypeError(
+                "CroppingDataset expects crop tokens (index, u_y, u_x) from the loader's "
+                "fixed-size batch sampler, got a plain index: Poisson sampling or a replaced "
+                "sampler is not supported (use poisson_sampling=False)")
+        try:
+            index, u_y, u_x = (int(t) for t in token)
+        except (TypeError, ValueError):
+            raise TypeError(f"expected a crop token (index, u_y, u_x), got {token!r}") from None
+        sample = self.dataset[index]
+        return crop_sample(sample, self.spec.crop, u_y, u_x, image_sizes=self.spec.image_sizes,
+                           image_fill=self.image_fill, ignore_index=self.ignore_index)
