@@ -1,7 +1,6 @@
 """The drop-in PrivacyEngine: loader, accountant and optimizer wired correctly, end to end."""
 
 import math
-import warnings
 
 import pytest
 import torch

@@ -137,6 +137,11 @@ def test_group_privacy():
     # the returned value satisfies the group-privacy conversion
     e_single = e2 / 2
     assert 2 * math.exp(e_single) * delta(run, e_single) <= 1e-5 * (1 + 1e-6)
+    assert e2 < epsilon(run.record_level(), 1e-5)
+    # where the conversion is weaker than record level, record level (valid for the whole
+    # image) is returned
+    weak = PatchDPSGD(1.0, 0.1, 0.9, 50)
+    assert group_epsilon(weak, 1e-5, 3) == epsilon(weak.record_level(), 1e-5)
 
 
 def test_baselines():

@@ -194,12 +194,13 @@ def privacy_profile(run, epsilons, discretization: float = DEFAULT_DISCRETIZATIO
 
 def group_epsilon(run: PatchDPSGD, delta: float, group_size: int,
                   discretization: float = DEFAULT_DISCRETIZATION) -> float:
-    """``eps`` for ``group_size`` private regions by group privacy: if the run is
-    ``(e, d)``-DP for one region it is ``(k e, k e^{(k-1) e} d)``-DP for ``k`` regions.
+    """``eps`` protecting ``group_size`` private regions of one image.
 
-    Searches the single-region ``e`` on a fine grid and returns the smallest valid ``k e``
-    (valid for every grid point; a tighter alternative is one :class:`~.regions.Union` mask).
-    Returns ``inf`` when no single-region ``e <= 700`` satisfies the conversion."""
+    Two valid bounds, the smaller is returned: (a) group privacy — if the run is ``(e, d)``-DP
+    for one region it is ``(k e, k e^{(k-1) e} d)``-DP for ``k`` regions; the single-region
+    ``e`` is searched on a fine grid (every grid point is valid) — and (b) the record-level
+    epsilon (``p = 1``), which covers any change within one image.  A tighter alternative is
+    one :class:`~.regions.Union` mask of the regions."""
     _check_delta(delta)
     k = int(group_size)
     if k < 1:
@@ -208,15 +209,16 @@ def group_epsilon(run: PatchDPSGD, delta: float, group_size: int,
         return epsilon(run, delta, discretization)
     if not _runs(run):
         return 0.0
+    record = epsilon([r.record_level() for r in _runs(run)], delta, discretization)
     pld = _pld(run, discretization)
     hi = max(1.0, float(pld.get_epsilon_for_delta(delta / k)))
-    grid = np.concatenate([np.linspace(0.0, hi * 4, 20001), np.geomspace(hi * 4, max(hi * 4, 700.0), 2001)])
+    grid = np.concatenate([np.linspace(0.0, hi * 4, 20001),
+                           np.geomspace(hi * 4, max(hi * 4, 700.0), 2001)])
     d = np.asarray(pld.get_delta_for_epsilon(grid), dtype=float)
     with np.errstate(divide="ignore"):
         ok = math.log(k) + (k - 1) * grid + np.log(np.maximum(d, 0.0)) <= math.log(delta)
-    if not ok.any():
-        return math.inf
-    return float(k * grid[np.argmax(ok)])
+    group = float(k * grid[np.argmax(ok)]) if ok.any() else math.inf
+    return min(group, record)
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float,

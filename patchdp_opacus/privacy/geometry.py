@@ -31,7 +31,7 @@ from typing import Iterable
 
 import numpy as np
 
-from patchdp_opacus.privacy.regions import PrivateRegion, Rectangle
+from patchdp_opacus.privacy.regions import Rectangle
 
 Size = tuple[int, int]
 
