@@ -328,6 +328,10 @@ def test_from_data_loader_keeps_settings_and_finds_sizes(caplog):
             DataLoader(DeclaredDataset([(6, 7), (8, 9)], 4), batch_size=2), crop=(4, 5),
             padding=(1, 1), private_region=(1, 1))
     assert caplog.text == ""
+    with pytest.raises(ValueError, match="set padding/pad_if_needed in it"):
+        CropDPDataLoader.from_data_loader(
+            DataLoader(DeclaredDataset([(6, 7)], 4), batch_size=2),
+            crop=CropGeometry((4, 4)), padding=1, private_region=(1, 1))
     assert a.image_sizes == ((6, 7), (8, 8)) and a.crop.padding == (1, 0)
     assert b.image_sizes == ((6, 7), (8, 9)) and b.crop == CropGeometry((4, 5), (1, 1))
     # the inclusion probability is the worst case over the declared sizes

@@ -208,8 +208,9 @@ class CropDPDataLoader(DataLoader):
         if isinstance(dataset, CroppingDataset):
             raise ValueError("data_loader already crops for patch-level DP (CropDPDataLoader); "
                              "wrap the original loader instead")
+        padding = (0, 0) if padding is None else padding
         if isinstance(crop, CropGeometry):
-            if tuple(padding) != (0, 0) or pad_if_needed:
+            if CropGeometry(crop.crop_size, padding).padding != (0, 0) or pad_if_needed:
                 raise ValueError("crop is a CropGeometry: set padding/pad_if_needed in it, not "
                                  "as separate arguments")
             geometry = crop
