@@ -1,7 +1,6 @@
 """`patchdp train` / `evaluate` / `plot` on tiny synthetic data: resume, reports, bad data."""
 
 import json
-import math
 
 import pytest
 import torch
