@@ -28,6 +28,7 @@ from patchdp_opacus.privacy import (
     make_region,
     privacy_profile,
 )
+from patchdp_opacus.privacy.accounting import steps_per_epoch
 from patchdp_opacus.privacy.regions import SHAPES
 
 SWEEPS = ("crop", "patch", "padding", "noise", "resolution")
@@ -314,9 +315,7 @@ def _schedule(args) -> Schedule:
                          f"q = B/N must be <= 1)")
     if args.steps is not None:
         return Schedule(n, b, args.steps)
-    # round(N/B) with halves up, as the loader's sampler counts an epoch
-    # (patchdp_opacus.plugin.sampler.steps_per_epoch_for, not imported here: it needs torch).
-    per_epoch = max(1, math.floor(Fraction(n, b) + Fraction(1, 2)))
+    per_epoch = steps_per_epoch(n, b)  # as the loader's sampler counts an epoch
     return Schedule(n, b, args.epochs * per_epoch, args.epochs, per_epoch)
 
 

@@ -49,6 +49,8 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 from torch.utils.data import BatchSampler
 
+from patchdp_opacus.privacy.accounting import steps_per_epoch as steps_per_epoch_for
+
 logger = logging.getLogger(__name__)
 
 #: Width of one random word: ``torch.randint(0, 2**62)`` is exactly uniform (2**62 divides 2**64).
@@ -63,11 +65,6 @@ class CropToken(NamedTuple):
     index: int
     u_y: int
     u_x: int
-
-
-def steps_per_epoch_for(num_samples: int, batch_size: int) -> int:
-    """Default steps per epoch: ``N / B`` rounded to the nearest integer (halves up), at least 1."""
-    return max(1, (2 * num_samples + batch_size) // (2 * batch_size))
 
 
 def uniform_below(bounds: Sequence[int], generator: torch.Generator | None) -> list[int]:

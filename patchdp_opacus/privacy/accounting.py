@@ -117,6 +117,14 @@ def composed_pld(noise_multiplier: float, effective_rate: float, steps: int,
         privacy_loss_distribution.identity(discretization)
 
 
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Logical steps in one epoch of fixed-size batches: ``N / B`` rounded to the nearest
+    integer (halves up), at least 1.  The loader's sampler and the CLI both count with this."""
+    if batch_size < 1 or num_samples < 1:
+        raise ValueError(f"need N >= 1 and B >= 1, got N={num_samples}, B={batch_size}")
+    return max(1, (2 * num_samples + batch_size) // (2 * batch_size))
+
+
 @dataclass(frozen=True)
 class PatchDPSGD:
     """Description of a DP-SGD run for Theorem 2 (the "event"; functions below evaluate it).
