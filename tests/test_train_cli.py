@@ -109,3 +109,29 @@ def test_bad_inputs_exit_2_with_message(tmp_path, capsys):
     assert "crop" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert main(["plot", str(tmp_path / "nope"), "--out", str(tmp_path / "f.png")]) == 2
+
+
+def test_torchrun_two_processes_gives_the_same_accounting(tmp_path):
+    """`torchrun --nproc_per_node=2 -m patchdp_opacus.cli train` (gloo on CPU): the global batch
+    is split across ranks, accounting matches the single-process run of the same config."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = write_cfg(tmp_path)
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert main(["train", "--config", cfg, "--output", str(single), "--quiet",
+                 "--max-steps", "3"]) == 0
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m",
+                           "patchdp_opacus.cli", "train", "--config", cfg, "--output", str(multi),
+                           "--quiet", "--max-steps", "3"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read(single, "final_metrics.json"), read(multi, "final_metrics.json")
+    assert b["steps"] == a["steps"] == 3
+    assert b["noise_multiplier"] == a["noise_multiplier"]
+    assert b["epsilon_patch"] == a["epsilon_patch"]
+    assert read(multi, "privacy_report.json")["batch_size"] == 8

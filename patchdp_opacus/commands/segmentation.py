@@ -133,6 +133,8 @@ def cmd_train(args) -> int:
         raise UsageError(f"data: {exc} (set dataset.root in --config or --data-root)") from None
     except ValueError as exc:  # geometry, data or configuration the analysis cannot accept
         raise UsageError(f"--config {args.config}: {exc}") from None
+    if "rank" in final:  # a non-zero torchrun rank: rank 0 reports
+        return 0
     print(f"run folder: {out}")
     print(f"steps {final['steps']}, noise multiplier z = {final['noise_multiplier']:.4g}, "
           f"delta = {final['delta']:.3g}, noise calibrated for {final['accounting']}-level "
