@@ -1,6 +1,7 @@
 """`patchdp train` / `evaluate` / `plot` on tiny synthetic data: resume, reports, bad data."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -135,3 +136,15 @@ def test_torchrun_two_processes_gives_the_same_accounting(tmp_path):
     assert b["noise_multiplier"] == a["noise_multiplier"]
     assert b["epsilon_patch"] == a["epsilon_patch"]
     assert read(multi, "privacy_report.json")["batch_size"] == 8
+
+
+def test_train_in_ghost_mode(tmp_path):
+    """grad_sample_mode='ghost': Opacus' wrapped criterion calls the per-image loss with
+    reduction='none' (shape (B,)) and the run is accounted like hooks mode."""
+    cfg = dict(TINY, training={**TINY["training"], "grad_sample_mode": "ghost"})
+    run = tmp_path / "ghost"
+    assert main(["train", "--config", write_cfg(tmp_path, cfg, "ghost.yaml"), "--output",
+                 str(run), "--quiet", "--max-steps", "3"]) == 0
+    final = read(run, "final_metrics.json")
+    assert final["steps"] == 3 and final["epsilon_patch"] < final["epsilon_record"]
+    assert math.isfinite(final["miou"])

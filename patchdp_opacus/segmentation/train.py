@@ -237,8 +237,8 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, *, resume: bool = True,
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
-                if t.max_steps is not None and len(engine.accountant) >= t.max_steps \
-                        and not optimizer._is_last_step_skipped:
+                # the accountant only grows when a logical step completes (last chunk)
+                if t.max_steps is not None and len(engine.accountant) >= t.max_steps:
                     break
         if world > 1:
             torch.distributed.barrier()
