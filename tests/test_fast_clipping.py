@@ -47,6 +47,7 @@ OPTION_SETS = {
                                  "conv_backend": "grouped"},
     "instantiate-recompute-unfold": {"norm_method": "instantiate", "storage": "recompute",
                                      "conv_backend": "unfold"},
+    "instantiate-keep-loop": {"storage": "keep", "conv_backend": "loop"},
     "no-skip-chunk1": {"skip_weight_grad": False, "chunk_bytes": 1},
 }
 
@@ -484,18 +485,26 @@ def test_runtime_refusals():
 
 def test_cost_model():
     opts = BKOptions()
-    # image-pool 1x1 conv 2048 -> 256 at T = 1: ghost norm, recompute
+    # image-pool 1x1 conv 2048 -> 256 at T = 1: weight >> activations -> ghost norm, recompute
     p = plan_weight(1, 2048, 256, 1, 2048 + 256, opts)
     assert (p.norm, p.storage) == ("ghost", "recompute")
     # ResNet layer3 3x3 conv 256 -> 256 at 64x64 (T = 4096): instantiate and keep
     p = plan_weight(4096, 256 * 9, 256, 1, 2 * 256 * 4096, opts)
     assert (p.norm, p.storage) == ("instantiate", "keep")
-    # PSP bin 6x6 (T = 36), 1x1 conv 2048 -> 512: ghost
-    assert plan_weight(36, 2048, 512, 1, 36 * 2560, opts).norm == "ghost"
-    # mid band: instantiate but the weight is larger than the activations -> recompute
+    # ASPP 3x3 conv 2048 -> 256 dilated at 64x64: keep (|W| = 4.7M <= |A|+|G| = 9.4M)
+    assert plan_weight(4096, 2048 * 9, 256, 1, 4096 * 2304, opts).storage == "keep"
+    # PSP bin 6x6 (T = 36), 1x1 conv 2048 -> 512: ghost, recompute
+    p = plan_weight(36, 2048, 512, 1, 36 * 2560, opts)
+    assert (p.norm, p.storage) == ("ghost", "recompute")
+    # weight larger than the activations but ghost dearer than instantiation: instantiate +
+    # recompute
     p = plan_weight(1000, 512 * 9, 512, 1, 1000 * 1024, opts)
     assert (p.norm, p.storage) == ("instantiate", "recompute")
+    # forced choices stay consistent
     assert plan_weight(1, 8, 8, 1, 16, BKOptions(storage="keep")).norm == "instantiate"
+    assert plan_weight(4096, 9, 8, 1, 10**6, BKOptions(norm_method="ghost")).storage == "recompute"
+    p = plan_weight(4096, 9, 8, 1, 10**6, BKOptions(storage="recompute"))
+    assert (p.norm, p.storage) == ("instantiate", "recompute")
 
 
 def test_layer_plans_reported():
@@ -590,3 +599,75 @@ def test_smp_deeplabv3plus_matches_opacus(norm):
     _, norms, ours = bk(copy.deepcopy(net), x, y, per_image_ce, C)
     assert rel(norms, ref_norms) < RTOL
     assert_grads_equal(ours, ref)
+
+
+@pytest.mark.parametrize("options", sorted(OPTION_SETS))
+def test_float64_is_exact(options):
+    """In fp64 every strategy agrees with the per-sample loop to ~1e-12: the fp32 differences
+    above are rounding, not approximation."""
+    model, x, y, loss_fn = segmentation_case(10)
+    model, x = model.double(), x.double()
+    ref_norms, _ = per_sample_loop(copy.deepcopy(model), x, y, loss_fn, 1.0)
+    C = ref_norms.median().item()
+    ref_norms, ref = per_sample_loop(copy.deepcopy(model), x, y, loss_fn, C)
+    _, norms, ours = bk(copy.deepcopy(model), x, y, loss_fn, C, **OPTION_SETS[options])
+    assert rel(norms, ref_norms) < 1e-10
+    for name in ref:
+        assert rel(ours[name], ref[name]) < 1e-10, name
+
+
+def test_opacus_privacy_engine_integration():
+    """The integration contract: an opacus.PrivacyEngine whose _prepare_model/_prepare_optimizer
+    dispatch to FAST_MODES trains with the stock loop, Poisson batches and its accountant."""
+    import opacus
+
+    class Engine(opacus.PrivacyEngine):
+        def _prepare_model(self, module, *, grad_sample_mode="hooks", batch_first=True,
+                           max_grad_norm=1.0, loss_reduction="mean", wrap_model=True):
+            if grad_sample_mode not in FAST_MODES:
+                return super()._prepare_model(
+                    module, grad_sample_mode=grad_sample_mode, batch_first=batch_first,
+                    max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
+                    wrap_model=wrap_model)
+            self.validate(module=module, optimizer=None, data_loader=None)
+            return FAST_MODES[grad_sample_mode].wrap_model(
+                module, batch_first=batch_first, loss_reduction=loss_reduction,
+                max_grad_norm=max_grad_norm)
+
+        def _prepare_optimizer(self, *, optimizer, noise_multiplier, max_grad_norm,
+                               expected_batch_size, loss_reduction="mean", distributed=False,
+                               clipping="flat", noise_generator=None, grad_sample_mode="hooks",
+                               **kwargs):
+            if grad_sample_mode not in FAST_MODES:
+                return super()._prepare_optimizer(
+                    optimizer=optimizer, noise_multiplier=noise_multiplier,
+                    max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                    loss_reduction=loss_reduction, distributed=distributed, clipping=clipping,
+                    noise_generator=noise_generator, grad_sample_mode=grad_sample_mode, **kwargs)
+            if isinstance(optimizer, DPOptimizer):
+                optimizer = optimizer.original_optimizer
+            return FAST_MODES[grad_sample_mode].optimizer_cls(
+                optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
+                generator=noise_generator, secure_mode=self.secure_mode, **kwargs)
+
+    torch.manual_seed(0)
+    model, _, _, loss_fn = segmentation_case(11)
+    data = TensorDataset(torch.randn(32, 3, 16, 16), torch.randint(0, 4, (32, 16, 16)))
+    engine = Engine(accountant="rdp")
+    before = [p.detach().clone() for p in model.parameters()]
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0,
+        grad_sample_mode="bk")
+    assert isinstance(model, BKGradSampleModule) and isinstance(opt, BKDPOptimizer)
+    steps = 0
+    for xb, yb in loader:
+        loss_fn(model(xb), yb).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        steps += 1
+        assert opt.accumulated_iterations == 1
+    assert engine.accountant.history[-1][2] == steps == 4
+    assert 0 < engine.get_epsilon(1e-5) < float("inf")
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

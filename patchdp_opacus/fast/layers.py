@@ -31,26 +31,36 @@ Cost model (:func:`plan_weight`, per sample, per forward use)::
 
     ghost_macs       = g * T^2 * (d_in + d_out)
     instantiate_macs = g * T * d_in * d_out                    (= T * |W|)
-    norm    = ghost        if ghost_macs < instantiate_macs    (i.e. T*(d_in+d_out) < d_in*d_out)
-              instantiate  otherwise
-    storage = keep         if norm == instantiate and |W| <= |A_i| + |G_i|
-              recompute    otherwise
+    option                   MACs in hook + at step      kept until the step
+    instantiate + keep       T*|W|        + |W|          |W|
+    ghost + recompute        ghost_macs   + T*|W|        |A_i| + |G_i|
+    instantiate + recompute  T*|W|        + T*|W|        |A_i| + |G_i|
+
+    storage = keep       if |W| <= |A_i| + |G_i|   (least memory, and always the fewest MACs
+              recompute  otherwise                   unless T^2*(d_in+d_out) < d_in*d_out)
+    norm    = instantiate                           if storage == keep
+              ghost if ghost_macs < instantiate_macs otherwise
+
+Keeping costs ``|W|`` MACs at the step instead of a second weight gradient, so it is chosen
+whenever it also saves memory; recompute is chosen for layers whose weight is larger than the
+activation and output gradient of one sample (small ``T``), where ghost norms are cheap.
 
 At segmentation resolutions (T = 64^2 .. 128^2 for a 505 crop at output stride 8) every
-convolution of a ResNet-101 DeepLabV3+/PSPNet satisfies ``T >= |W| / (|A_i|/T + |G_i|/T)``:
-the per-sample gradient is *smaller* than the activation and output gradient, so it is kept
-(memory close to non-private training, and the step costs ``B*|W|`` instead of a second weight
-gradient). Ghost norms win only for small ``T``: image-pooling branches (``T = 1``), PSP
-pyramid bins (``T = 1, 4, 9, 36``), Linear heads.
+convolution of a ResNet-101 DeepLabV3+/PSPNet has ``|W| <= |A_i| + |G_i|``: its per-sample
+gradients are kept (memory close to non-private training, and the step costs ``B*|W|``).
+Ghost norms with recompute serve the small-``T`` layers: image-pooling branches (``T = 1``),
+PSP pyramid bins (``T = 1, 4, 9, 36``), Linear heads.
 
 Normalisation layers (GroupNorm, LayerNorm) and all biases have per-sample gradients of size
 ``B x C`` or ``B x |gamma|``; they are always instantiated and kept.
 
-Every function here is pure: tensors in, tensors out; no hooks, no module state.
+Everything here works on tensors and module attributes only (no hooks, no state kept);
+:func:`_conv_precision` sets torch's global matmul TF32 flag for the duration of a call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -72,7 +82,7 @@ __all__ = [
 
 NORM_METHODS = ("auto", "ghost", "instantiate")
 STORAGES = ("auto", "keep", "recompute")
-CONV_BACKENDS = ("auto", "grouped", "unfold")
+CONV_BACKENDS = ("auto", "grouped", "unfold", "loop")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -91,9 +101,10 @@ class BKOptions:
             ordinary weight gradient, the book-keeping formulation of Bu et al. 2023).
         conv_backend: how a convolution's per-sample weight gradients are instantiated:
             "grouped" (one cuDNN/aten weight-gradient convolution with ``groups = B*g``: the
-            batch is folded into channels), "unfold" (im2col + batched matmul), "auto" =
-            grouped on CUDA (the same kernels and TF32 policy as the ordinary conv backward),
-            unfold on CPU.
+            batch is folded into channels), "unfold" (im2col + batched matmul under the conv
+            TF32 policy), "loop" (the ordinary weight-gradient kernel once per sample),
+            "auto" = grouped on CUDA (the same kernels and TF32 policy as the ordinary conv
+            backward), unfold on CPU.
         skip_weight_grad: do not let autograd compute the ordinary ``.grad`` of hooked
             parameters (DP discards it). Implemented by clearing ``requires_grad`` of the
             layer's parameters for the duration of its forward call, so the autograd node
@@ -158,16 +169,18 @@ def plan_weight(positions: int, d_in: int, d_out: int, groups: int, io_numel: in
     ghost = groups * positions * positions * (d_in + d_out)
     inst = groups * positions * d_in * d_out
     weight_numel = groups * d_in * d_out
-    if options.norm_method == "auto":
-        norm = "ghost" if ghost < inst else "instantiate"
-        if options.storage == "keep":
-            norm = "instantiate"
-    else:
-        norm = options.norm_method
-    if options.storage == "auto":
-        storage = "keep" if norm == "instantiate" and weight_numel <= io_numel else "recompute"
-    else:
+    if options.storage != "auto":
         storage = options.storage
+    elif options.norm_method == "ghost":
+        storage = "recompute"
+    else:
+        storage = "keep" if weight_numel <= io_numel else "recompute"
+    if storage == "keep":
+        norm = "instantiate"
+    elif options.norm_method != "auto":
+        norm = options.norm_method
+    else:
+        norm = "ghost" if ghost < inst else "instantiate"
     return LayerPlan(norm=norm, storage=storage, positions=positions, d_in=d_in, d_out=d_out,
                      groups=groups, ghost_macs=ghost, instantiate_macs=inst,
                      weight_numel=weight_numel, io_numel=io_numel)
@@ -180,11 +193,16 @@ def _acc_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
     return torch.float32 if t.dtype in _LOW_PRECISION else None
 
 
+def _norm_dtype(t: torch.Tensor) -> torch.dtype:
+    """Dtype of norm accumulators: fp32, or the input's if wider (fp64)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _sq_norms(per_sample: torch.Tensor) -> torch.Tensor:
-    """(n, *) -> (n,) fp32 squared Frobenius norms of each slice."""
+    """(n, *) -> (n,) squared Frobenius norms of each slice (fp32, fp64 for fp64 input)."""
     n = per_sample.shape[0]
     flat = per_sample.reshape(n, -1)
-    return torch.linalg.vector_norm(flat, ord=2, dim=1, dtype=torch.float32).square()
+    return torch.linalg.vector_norm(flat, ord=2, dim=1, dtype=_norm_dtype(flat)).square()
 
 
 def _chunks(batch: int, per_sample_bytes: int, budget: int):
@@ -229,6 +247,28 @@ def _conv_patches(module: nn.Conv2d, act: torch.Tensor, padding, out_hw) -> torc
     return F.unfold(act, (kh, kw), dilation=module.dilation, padding=padding, stride=module.stride)
 
 
+@contextlib.contextmanager
+def _conv_precision(t: torch.Tensor):
+    """Run matmuls that stand in for a convolution under the convolution's fp32 policy.
+
+    PyTorch's defaults let cuDNN convolutions use TF32 (``torch.backends.cudnn.allow_tf32``)
+    but not matmuls (``torch.backends.cuda.matmul.allow_tf32``); the im2col/ghost paths of a
+    conv layer follow the conv flag so they are as precise (and as fast) as the ordinary conv
+    backward they replace. The global matmul flag is set for the duration and restored."""
+    if not t.is_cuda or t.dtype != torch.float32:
+        yield
+        return
+    want, prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if want == prev:
+        yield
+        return
+    torch.backends.cuda.matmul.allow_tf32 = want
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
 def _conv_ps_unfold(module, act, grad, padding) -> torch.Tensor:
     """Per-sample weight gradients (n, C_out, C_in/g, k_h, k_w) via im2col + batched matmul:
     ``g_i^k = G_i^k (U_i^k)^T``."""
@@ -237,7 +277,8 @@ def _conv_ps_unfold(module, act, grad, padding) -> torch.Tensor:
     u = _conv_patches(module, act, padding, grad.shape[2:])
     u = u.reshape(n, g, u.shape[1] // g, u.shape[2])
     go = grad.reshape(n, g, c_out // g, -1)
-    ps = torch.matmul(go, u.transpose(-1, -2))
+    with _conv_precision(go):
+        ps = torch.matmul(go, u.transpose(-1, -2))
     return ps.reshape(n, *module.weight.shape)
 
 
@@ -255,6 +296,17 @@ def _conv_ps_grouped(module, act, grad, padding) -> torch.Tensor:
     return ps.reshape(n, *wshape)
 
 
+def _conv_ps_loop(module, act, grad, padding) -> torch.Tensor:
+    """Per-sample weight gradients with the ordinary weight-gradient kernel, one sample at a
+    time (``n`` launches; each has the full ``C_out x C_in*k*k x T`` GEMM shape)."""
+    wshape = module.weight.shape
+    out = grad.new_empty((act.shape[0], *wshape))
+    for i in range(act.shape[0]):
+        out[i] = torch.nn.grad.conv2d_weight(act[i:i + 1], wshape, grad[i:i + 1], module.stride,
+                                             padding, module.dilation, module.groups)
+    return out
+
+
 def _conv_ghost_sq(module, act, grad, padding) -> torch.Tensor:
     """(n,) fp32 ``sum_k <U^k^T U^k, G^k^T G^k>`` (ghost norm of the weight gradient)."""
     n, c_out = grad.shape[:2]
@@ -262,19 +314,21 @@ def _conv_ghost_sq(module, act, grad, padding) -> torch.Tensor:
     u = _conv_patches(module, act, padding, grad.shape[2:])
     u = u.reshape(n, g, u.shape[1] // g, u.shape[2])
     go = grad.reshape(n, g, c_out // g, -1)
-    return _ghost_from_mats(u, go)
+    with _conv_precision(go):
+        return _ghost_from_mats(u, go)
 
 
 def _ghost_from_mats(u: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
     """u: (n, g, d_in, T), go: (n, g, d_out, T) -> (n,) fp32 ghost squared norms."""
     n = u.shape[0]
+    dtype = _norm_dtype(u)
     if u.shape[-1] == 1:
-        su = torch.linalg.vector_norm(u, dim=(2, 3), dtype=torch.float32).square()
-        sg = torch.linalg.vector_norm(go, dim=(2, 3), dtype=torch.float32).square()
+        su = torch.linalg.vector_norm(u, dim=(2, 3), dtype=dtype).square()
+        sg = torch.linalg.vector_norm(go, dim=(2, 3), dtype=dtype).square()
         return (su * sg).sum(1)
     gram_u = torch.matmul(u.transpose(-1, -2), u)
     gram_g = torch.matmul(go.transpose(-1, -2), go)
-    return (gram_u * gram_g).reshape(n, -1).sum(1, dtype=torch.float32)
+    return (gram_u * gram_g).reshape(n, -1).sum(1, dtype=dtype)
 
 
 class _WeightRule:
@@ -317,7 +371,7 @@ class _WeightRule:
         n = grad.shape[0]
         act = act.to(grad.dtype)
         plan = self.plan(module, act, grad, options)
-        sq = torch.zeros(n, dtype=torch.float32, device=grad.device)
+        sq = torch.zeros(n, dtype=_norm_dtype(grad), device=grad.device)
         kept = {}
         a2, g2, extra = self.prepare(module, act, grad)
         if "bias" in params:
@@ -327,8 +381,10 @@ class _WeightRule:
         if "weight" in params:
             per = self.transient_bytes(module, a2, g2, plan, options)
             if plan.norm == "ghost":
+                # small T by construction: Gram matrices of half inputs are formed in fp32
+                up = torch.float32 if g2.dtype in _LOW_PRECISION else g2.dtype
                 for s, e in _chunks(n, per, options.chunk_bytes):
-                    sq[s:e] += self.ghost_sq(module, a2[s:e], g2[s:e], extra)
+                    sq[s:e] += self.ghost_sq(module, a2[s:e].to(up), g2[s:e].to(up), extra)
             elif plan.storage == "keep":
                 out = None
                 for s, e in _chunks(n, per, options.chunk_bytes):
@@ -360,10 +416,14 @@ class _WeightRule:
         return out
 
     def recompute(self, module, act, grad, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``sum_i weights_i * g_i`` of the weight from the kept activation and output gradient."""
-        act = act.to(grad.dtype)
+        """``sum_i weights_i * g_i`` of the weight from the kept activation and output gradient.
+
+        Half-precision inputs are computed in fp32, so the clip weights are not rounded to
+        8 bits (which could push a clipped per-sample norm above C by ~0.4%)."""
+        work = torch.float32 if grad.dtype in _LOW_PRECISION else grad.dtype
+        act, grad = act.to(work), grad.to(work)
         a2, g2, extra = self.prepare(module, act, grad)
-        return self.weighted_weight_grad(module, a2, g2, extra, weights.to(grad.dtype)).to(dtype)
+        return self.weighted_weight_grad(module, a2, g2, extra, weights.to(work)).to(dtype)
 
 
 class ConvRule(_WeightRule):
@@ -386,8 +446,11 @@ class ConvRule(_WeightRule):
         return "grouped" if act.is_cuda else "unfold"
 
     def ps_weight(self, module, act, grad, padding, options):
-        if self._backend(act, options) == "grouped":
+        backend = self._backend(act, options)
+        if backend == "grouped":
             return _conv_ps_grouped(module, act, grad, padding)
+        if backend == "loop":
+            return _conv_ps_loop(module, act, grad, padding)
         return _conv_ps_unfold(module, act, grad, padding)
 
     def ghost_sq(self, module, act, grad, padding):
@@ -413,8 +476,11 @@ class ConvRule(_WeightRule):
         unfold = plan.groups * plan.d_in * plan.positions
         if plan.norm == "ghost":
             return elt * (unfold + 2 * plan.groups * plan.positions ** 2)
-        if self._backend(act, options) == "grouped":
+        backend = self._backend(act, options)
+        if backend == "grouped":
             return elt * (plan.weight_numel + a + g)   # reshape copies (channels_last) + result
+        if backend == "loop":
+            return elt * plan.weight_numel
         return elt * (plan.weight_numel + unfold)
 
 
@@ -479,7 +545,7 @@ class _AffineNormRule:
 
     def backward(self, module, act, grad, params: dict, options: BKOptions):
         kept = self.per_sample(module, act, grad, params, options)
-        sq = torch.zeros(grad.shape[0], dtype=torch.float32, device=grad.device)
+        sq = torch.zeros(grad.shape[0], dtype=_norm_dtype(grad), device=grad.device)
         for t in kept.values():
             sq += _sq_norms(t)
         return LayerPlan(norm="direct", storage="keep"), sq, kept, False

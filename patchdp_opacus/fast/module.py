@@ -171,7 +171,7 @@ class BKBatch:
         offset = 0
         for p in self._passes:
             n = p.batch_size
-            c = factors[offset: offset + n].to(torch.float32)
+            c = factors[offset: offset + n]
             offset += n
             for rec in p.records:
                 if not rec.seen:
@@ -298,7 +298,7 @@ class BKGradSampleModule(AbstractGradSampleModule):
                 f"other layers' (call the wrapped model, or use torch.no_grad()/eval())")
         if self._current is None:
             return None
-        if torch._C._current_graph_task_id() != -1:
+        if getattr(torch._C, "_current_graph_task_id", lambda: -1)() != -1:
             raise RuntimeError(
                 f"module {layer.name!r} ran forward during a backward pass (activation "
                 f"checkpointing?); bk mode does not support recomputed forwards")
