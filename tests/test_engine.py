@@ -175,6 +175,10 @@ def test_refusals():
             poisson_sampling=True)
     with pytest.raises(ValueError, match="Poisson"):
         PrivacyEngine(accountant="prv")
+    with pytest.raises(ValueError, match="fast_options"):
+        PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=plain_loader(),
+                                     noise_multiplier=1.0, max_grad_norm=1.0, crop=CROP,
+                                     private_region=PATCH, fast_options={"storage": "keep"})
     with pytest.raises(ValueError, match="crop geometry and the private region"):
         PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=plain_loader(),
                                      noise_multiplier=1.0, max_grad_norm=1.0)
@@ -225,14 +229,16 @@ def test_privacy_report_contents():
                                                          loader.inclusion_probability)
 
 
-def test_bk_fast_mode_through_the_engine_matches_hooks():
+@pytest.mark.parametrize("fast_options", [None, {"storage": "recompute"}])
+def test_bk_fast_mode_through_the_engine_matches_hooks(fast_options):
     """grad_sample_mode='bk' (patchdp_opacus.fast) selected through the engine: with no noise,
     one logical step (2 BatchMemoryManager chunks) gives the same parameters as Opacus hooks,
     and the accountant counts one step."""
     params = {}
     for mode in ("hooks", "bk"):
+        extra = {"fast_options": fast_options} if mode == "bk" and fast_options else {}
         engine, (model, opt, loader) = make(grad_sample_mode=mode, noise=0.0, C=0.05, n=24,
-                                            batch_size=6, seed=3)
+                                            batch_size=6, seed=3, **extra)
         start = torch.cat([p.detach().flatten() for p in model.parameters()])
         with BatchMemoryManager(data_loader=loader, max_physical_batch_size=3,
                                 optimizer=opt) as mem:

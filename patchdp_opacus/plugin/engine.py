@@ -84,6 +84,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
         self.data_loader: Optional[CropDPDataLoader] = None
         self.max_grad_norm = None
         self.noise_multiplier = None
+        self._fast_options: dict = {}
 
     # -- data ---------------------------------------------------------------------------------
     def _crop_loader(self, data_loader, *, distributed: bool, crop, padding, pad_if_needed,
@@ -121,7 +122,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
         self.validate(module=module, optimizer=None, data_loader=None)
         return mode.wrap_model(module, batch_first=kwargs.get("batch_first", True),
                                loss_reduction=kwargs.get("loss_reduction", "mean"),
-                               max_grad_norm=kwargs.get("max_grad_norm", 1.0))
+                               max_grad_norm=kwargs.get("max_grad_norm", 1.0),
+                               **self._fast_options)
 
     def _prepare_optimizer(self, *, optimizer, grad_sample_mode: str = "hooks",
                            distributed: bool = False, clipping: str = "flat",
@@ -145,14 +147,20 @@ class PrivacyEngine(opacus.PrivacyEngine):
                      criterion=torch.nn.CrossEntropyLoss(), crop=None, padding=(0, 0),
                      pad_if_needed: bool = False, private_region=None, image_sizes=None,
                      group_size: int = 1, allow_unchecked_transforms: bool = False,
-                     seed: Optional[int] = None, poisson_sampling: bool = False, **kwargs):
+                     seed: Optional[int] = None, poisson_sampling: bool = False,
+                     fast_options: Optional[dict] = None, **kwargs):
         """Opacus' ``make_private`` plus the crop/patch description (see the module doc).
 
-        ``noise_multiplier`` z: noise std = z * max_grad_norm.  Returns
+        ``noise_multiplier`` z: noise std = z * max_grad_norm.  ``fast_options``: options of a
+        :mod:`patchdp_opacus.fast` mode (e.g. ``{"storage": "recompute"}`` for
+        ``grad_sample_mode="bk"``).  Returns
         ``(module, optimizer, data_loader)``, or ``(module, optimizer, criterion, data_loader)``
         for ``grad_sample_mode="ghost"`` as Opacus does."""
         if poisson_sampling:
             raise ValueError(_POISSON_REFUSAL)
+        if fast_options and kwargs.get("grad_sample_mode", "hooks") not in _fast_modes():
+            raise ValueError(f"fast_options apply to grad_sample_mode in {sorted(_fast_modes())}")
+        self._fast_options = dict(fast_options or {})
         distributed = isinstance(module, (DPDDP, DDP))
         loader = self._crop_loader(
             data_loader, distributed=distributed, crop=crop, padding=padding,

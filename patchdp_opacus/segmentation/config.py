@@ -57,7 +57,8 @@ class TrainingConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     optimizer: str = "sgd"
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "hooks"     # Opacus' hooks/ghost/... or "bk" (patchdp_opacus.fast)
+    fast_options: dict = field(default_factory=dict)  # options of a fast mode, e.g. storage
     num_workers: int = 0
     seed: int = 0
     eval_every: int = 5                  # epochs

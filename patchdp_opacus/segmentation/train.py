@@ -188,6 +188,8 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, *, resume: bool = True,
                   pad_if_needed=pcfg.pad_if_needed,
                   private_region=region_from_dict(pcfg.private_region),
                   seed=t.seed, grad_sample_mode=t.grad_sample_mode)
+    if t.fast_options:
+        common["fast_options"] = dict(t.fast_options)
     if pcfg.noise_multiplier is not None:
         made = engine.make_private(noise_multiplier=pcfg.noise_multiplier, **common)
     else:
