@@ -106,6 +106,7 @@ def _setup_logging() -> None:
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         log.addHandler(handler)
     log.setLevel(logging.INFO)
+    log.propagate = False  # a dependency configures the root logger too: print once
     warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are "
                                               "computed with respect to module outputs")
 
