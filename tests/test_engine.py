@@ -252,3 +252,25 @@ def test_bk_fast_mode_through_the_engine_matches_hooks(fast_options):
         params[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
         assert (params[mode] - start).abs().max() > 1e-4  # the step did move the model
     torch.testing.assert_close(params["bk"], params["hooks"], rtol=1e-5, atol=1e-7)
+
+
+def test_budget_exhausted_warns_once_when_training_past_the_plan():
+    torch.manual_seed(0)
+    model = TinySegNet()
+    engine = PrivacyEngine()
+    model, opt, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=plain_loader(), target_epsilon=3.0, target_delta=DELTA, epochs=1,
+        max_grad_norm=1.0, crop=CROP, private_region=PATCH, seed=0)
+    crit = per_image_ce()
+    import warnings as _w
+
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        run_epoch(model, opt, loader, crit)  # the planned epoch: no warning
+        assert not [w for w in caught if "budget" in str(w.message)]
+        assert engine.get_epsilon(DELTA) <= 3.0
+        run_epoch(model, opt, loader, crit)  # one epoch too many
+    budget = [w for w in caught if "privacy budget exhausted" in str(w.message)]
+    assert len(budget) == 1 and "make_private_with_epsilon" in str(budget[0].message)
+    assert engine.get_epsilon(DELTA) > 3.0

@@ -85,6 +85,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
         self.max_grad_norm = None
         self.noise_multiplier = None
         self._fast_options: dict = {}
+        self.target: Optional[dict] = None  # set by make_private_with_epsilon
+        self._budget_warned = False
 
     # -- data ---------------------------------------------------------------------------------
     def _crop_loader(self, data_loader, *, distributed: bool, crop, padding, pad_if_needed,
@@ -181,8 +183,14 @@ class PrivacyEngine(opacus.PrivacyEngine):
         world = torch.distributed.get_world_size() if distributed else 1
         # Opacus derives these from len(loader); fixed-size batches know them exactly.
         dp_optimizer.expected_batch_size = loader.batch_size // world
-        dp_optimizer.attach_step_hook(
-            self.accountant.get_optimizer_hook_fn(sample_rate=loader.sample_rate))
+        self.target = self.__dict__.pop("_pending_target", None)
+        account = self.accountant.get_optimizer_hook_fn(sample_rate=loader.sample_rate)
+
+        def step_hook(optim):
+            account(optim)
+            self._check_budget()
+
+        dp_optimizer.attach_step_hook(step_hook)
         self.data_loader = loader
         self.max_grad_norm = max_grad_norm
         self.noise_multiplier = noise_multiplier
@@ -228,11 +236,28 @@ class PrivacyEngine(opacus.PrivacyEngine):
                                        total_steps, discretization=self.accountant.discretization)
         logger.info("calibrated z=%.6g for %s-level eps<=%g at delta=%g over %d steps", z, level,
                     target_epsilon, target_delta, total_steps)
-        self.target = {"epsilon": target_epsilon, "delta": target_delta, "steps": total_steps,
+        self._pending_target = {"epsilon": target_epsilon, "delta": target_delta,
+                                "steps": total_steps,
                        "level": level, "noise_multiplier": z}
         return self.make_private(
             module=module, optimizer=optimizer, criterion=criterion, data_loader=loader,
             noise_multiplier=z, max_grad_norm=max_grad_norm, **kwargs)
+
+    def _check_budget(self) -> None:
+        """Warn once when more logical steps are taken than the noise was calibrated for (the
+        run's epsilon then exceeds the target; a per-step epsilon evaluation would be too slow
+        for a hook, the step count is exact)."""
+        target = self.target
+        if target is None or self._budget_warned or len(self.accountant) <= target["steps"]:
+            return
+        self._budget_warned = True
+        msg = (f"privacy budget exhausted: step {len(self.accountant)} exceeds the "
+               f"{target['steps']} logical steps the noise was calibrated for "
+               f"({target['level']}-level epsilon <= {target['epsilon']} at delta "
+               f"{target['delta']}); from here epsilon exceeds the target. Stop training, or "
+               f"call make_private_with_epsilon with the number of epochs you will run.")
+        logger.warning(msg)
+        warnings.warn(msg, stacklevel=3)
 
     def get_epsilon(self, delta: float, level: str = "patch") -> float:
         """Epsilon of the steps taken so far: patch level (default) or ``level="record"``."""
