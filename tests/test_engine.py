@@ -175,6 +175,10 @@ def test_refusals():
             poisson_sampling=True)
     with pytest.raises(ValueError, match="Poisson"):
         PrivacyEngine(accountant="prv")
+    with pytest.raises(ValueError, match="adaptive"):
+        PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=plain_loader(),
+                                     noise_multiplier=1.0, max_grad_norm=1.0, crop=CROP,
+                                     private_region=PATCH, clipping="adaptive")
     with pytest.raises(ValueError, match="fast_options"):
         PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=plain_loader(),
                                      noise_multiplier=1.0, max_grad_norm=1.0, crop=CROP,

@@ -160,6 +160,11 @@ class PrivacyEngine(opacus.PrivacyEngine):
         for ``grad_sample_mode="ghost"`` as Opacus does."""
         if poisson_sampling:
             raise ValueError(_POISSON_REFUSAL)
+        if kwargs.get("clipping", "flat") == "adaptive":
+            raise ValueError(
+                "clipping='adaptive' releases a noisy count of clipped samples at every step, a "
+                "second mechanism the Theorem-2 accountant does not cover; use clipping='flat' "
+                "(or 'per_layer', whose noise std is z times the total clip norm)")
         if fast_options and kwargs.get("grad_sample_mode", "hooks") not in _fast_modes():
             raise ValueError(f"fast_options apply to grad_sample_mode in {sorted(_fast_modes())}")
         self._fast_options = dict(fast_options or {})
