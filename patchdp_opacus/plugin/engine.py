@@ -41,6 +41,10 @@ from patchdp_opacus.privacy import accounting
 
 logger = logging.getLogger(__name__)
 
+#: make_private's arguments that describe the crop, the private region and the sampling seed.
+_GEOMETRY_ARGS = ("crop", "padding", "pad_if_needed", "private_region", "image_sizes",
+                  "group_size", "allow_unchecked_transforms", "seed")
+
 _POISSON_REFUSAL = (
     "poisson_sampling=True cannot carry a patch-level claim: Theorem 2 is proven for fixed-size "
     "batches sampled uniformly without replacement, which the crop-aware loader provides. Leave "
@@ -89,9 +93,10 @@ class PrivacyEngine(opacus.PrivacyEngine):
         self._budget_warned = False
 
     # -- data ---------------------------------------------------------------------------------
-    def _crop_loader(self, data_loader, *, distributed: bool, crop, padding, pad_if_needed,
-                     private_region, image_sizes, group_size, allow_unchecked_transforms,
-                     seed) -> CropDPDataLoader:
+    def _crop_loader(self, data_loader, module, *, crop=None, padding=(0, 0),
+                     pad_if_needed=False, private_region=None, image_sizes=None, group_size=1,
+                     allow_unchecked_transforms=False, seed=None) -> CropDPDataLoader:
+        distributed = isinstance(module, (DPDDP, DDP))
         geometry_given = crop is not None or private_region is not None
         if isinstance(data_loader, CropDPDataLoader):
             if geometry_given:
@@ -170,10 +175,9 @@ class PrivacyEngine(opacus.PrivacyEngine):
         self._fast_options = dict(fast_options or {})
         distributed = isinstance(module, (DPDDP, DDP))
         loader = self._crop_loader(
-            data_loader, distributed=distributed, crop=crop, padding=padding,
-            pad_if_needed=pad_if_needed, private_region=private_region, image_sizes=image_sizes,
-            group_size=group_size, allow_unchecked_transforms=allow_unchecked_transforms,
-            seed=seed)
+            data_loader, module, crop=crop, padding=padding, pad_if_needed=pad_if_needed,
+            private_region=private_region, image_sizes=image_sizes, group_size=group_size,
+            allow_unchecked_transforms=allow_unchecked_transforms, seed=seed)
         if loader.spec.group_size != 1:
             raise ValueError(
                 "group_size > 1 is evaluated with group privacy at report time "
@@ -208,17 +212,16 @@ class PrivacyEngine(opacus.PrivacyEngine):
     def make_private_with_epsilon(self, *, module, optimizer, data_loader, target_epsilon,
                                   target_delta, max_grad_norm, epochs=None, steps=None,
                                   level: str = "patch", criterion=torch.nn.CrossEntropyLoss(),
-                                  crop=None, padding=(0, 0), pad_if_needed: bool = False,
-                                  private_region=None, image_sizes=None, group_size: int = 1,
-                                  allow_unchecked_transforms: bool = False,
-                                  seed: Optional[int] = None, poisson_sampling: bool = False,
-                                  **kwargs):
+                                  poisson_sampling: bool = False, **kwargs):
         """Calibrate z so that ``epsilon <= target_epsilon`` after ``epochs`` epochs (or
         ``steps`` logical steps), then :meth:`make_private`.
 
         Steps are logical steps: ``epochs * len(data_loader)`` with ``len = round(N / B)``.
         ``level="record"`` calibrates for the record-level baseline (p = 1) instead — the same
-        training, a different claim."""
+        training, a different claim.  The crop/region arguments (``crop``, ``padding``,
+        ``pad_if_needed``, ``private_region``, ``image_sizes``, ``group_size``,
+        ``allow_unchecked_transforms``, ``seed``) and Opacus' other arguments are those of
+        :meth:`make_private`."""
         if poisson_sampling:
             raise ValueError(_POISSON_REFUSAL)
         if level not in LEVELS:
@@ -229,12 +232,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
             warnings.warn("make_private_with_epsilon after steps were already accounted: the "
                           "calibrated noise assumes a fresh budget, the total epsilon will be "
                           "higher", stacklevel=2)
-        distributed = isinstance(module, (DPDDP, DDP))
-        loader = self._crop_loader(
-            data_loader, distributed=distributed, crop=crop, padding=padding,
-            pad_if_needed=pad_if_needed, private_region=private_region, image_sizes=image_sizes,
-            group_size=group_size, allow_unchecked_transforms=allow_unchecked_transforms,
-            seed=seed)
+        geometry = {k: kwargs.pop(k) for k in _GEOMETRY_ARGS if k in kwargs}
+        loader = self._crop_loader(data_loader, module, **geometry)
         total_steps = int(steps) if steps is not None else int(round(epochs * len(loader)))
         p = loader.inclusion_probability if level == "patch" else 1.0
         z = accounting.calibrate_noise(target_epsilon, target_delta, loader.sample_rate, p,
@@ -242,8 +241,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
         logger.info("calibrated z=%.6g for %s-level eps<=%g at delta=%g over %d steps", z, level,
                     target_epsilon, target_delta, total_steps)
         self._pending_target = {"epsilon": target_epsilon, "delta": target_delta,
-                                "steps": total_steps,
-                       "level": level, "noise_multiplier": z}
+                                "steps": total_steps, "level": level, "noise_multiplier": z}
         return self.make_private(
             module=module, optimizer=optimizer, criterion=criterion, data_loader=loader,
             noise_multiplier=z, max_grad_norm=max_grad_norm, **kwargs)
