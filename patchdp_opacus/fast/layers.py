@@ -269,17 +269,22 @@ def _conv_precision(t: torch.Tensor):
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
-def _conv_ps_unfold(module, act, grad, padding) -> torch.Tensor:
-    """Per-sample weight gradients (n, C_out, C_in/g, k_h, k_w) via im2col + batched matmul:
-    ``g_i^k = G_i^k (U_i^k)^T``."""
+def _grouped_patches(module, act, grad, padding):
+    """Per group: input patches ``U`` (n, g, C_in/g * k_h * k_w, T) and output gradients
+    ``G`` (n, g, C_out/g, T) of a convolution, T = output positions."""
     n, c_out = grad.shape[:2]
     g = module.groups
     u = _conv_patches(module, act, padding, grad.shape[2:])
-    u = u.reshape(n, g, u.shape[1] // g, u.shape[2])
-    go = grad.reshape(n, g, c_out // g, -1)
+    return u.reshape(n, g, u.shape[1] // g, u.shape[2]), grad.reshape(n, g, c_out // g, -1)
+
+
+def _conv_ps_unfold(module, act, grad, padding) -> torch.Tensor:
+    """Per-sample weight gradients (n, C_out, C_in/g, k_h, k_w) via im2col + batched matmul:
+    ``g_i^k = G_i^k (U_i^k)^T``."""
+    u, go = _grouped_patches(module, act, grad, padding)
     with _conv_precision(go):
         ps = torch.matmul(go, u.transpose(-1, -2))
-    return ps.reshape(n, *module.weight.shape)
+    return ps.reshape(act.shape[0], *module.weight.shape)
 
 
 def _conv_ps_grouped(module, act, grad, padding) -> torch.Tensor:
@@ -309,11 +314,7 @@ def _conv_ps_loop(module, act, grad, padding) -> torch.Tensor:
 
 def _conv_ghost_sq(module, act, grad, padding) -> torch.Tensor:
     """(n,) fp32 ``sum_k <U^k^T U^k, G^k^T G^k>`` (ghost norm of the weight gradient)."""
-    n, c_out = grad.shape[:2]
-    g = module.groups
-    u = _conv_patches(module, act, padding, grad.shape[2:])
-    u = u.reshape(n, g, u.shape[1] // g, u.shape[2])
-    go = grad.reshape(n, g, c_out // g, -1)
+    u, go = _grouped_patches(module, act, grad, padding)
     with _conv_precision(go):
         return _ghost_from_mats(u, go)
 
