@@ -28,6 +28,11 @@ a run cut short keeps what it measured.
     python scripts/benchmark_training.py --modes '' --layer-bench 8
     # CPU smoke test (ResNet-18 encoder, crop 64, batch 2)
     python scripts/benchmark_training.py --device cpu --tiny
+    # the README table from saved reports
+    python scripts/benchmark_training.py --markdown deeplab.json pspnet.json
+
+On a bare GPU machine, ``scripts/gpu_benchmark.sh`` installs the carried wheels (fetched here by
+``scripts/device_wheels.sh``) and runs one stage that fits a 10-minute call.
 
 Notes: Opacus 1.6 hooks/ghost modes compute wrong conv per-sample gradients for channels_last
 activations (their ``unfold2d`` assumes NCHW strides): with ``--channels-last`` their timings are
@@ -516,25 +521,54 @@ def parse_args(argv=None):
                    help="smoke mode: resnet18 encoder, crop 64, batch 2, 1 warm-up + 2 steps, "
                         "--check")
     p.add_argument("--out", default=None, help="JSON file (rewritten after every measurement)")
+    p.add_argument("--markdown", nargs="+", default=None, metavar="JSON",
+                   help="print the README table (Markdown) of these saved reports and exit")
     args = p.parse_args(argv)
+    if args.tiny:  # smoke-mode defaults; flags given explicitly still win
+        p.set_defaults(encoder="resnet18", crop=64, batch="2", warmup=1, iters=2, check=True,
+                       layer_bench=2, layer_reps=1, layer_top=4,
+                       threads=1 if args.device == "cpu" else None)
+        args = p.parse_args(argv)
     # '+' joins bk options inside one comma-separated mode list entry
     args.mode_list = [m.replace("+", ",") for m in args.modes.split(",") if m]
-    if args.tiny:
-        args.encoder = "resnet18"
-        args.crop = 64
-        args.batch = args.batch or "2"
-        args.warmup, args.iters = 1, 2
-        args.check = True
-        args.layer_bench = args.layer_bench or 2
-        args.layer_reps, args.layer_top = 1, 4
-        if args.threads is None and args.device == "cpu":
-            args.threads = 1
     args.batches = [int(b) for b in args.batch.split(",")] if args.batch else None
     return args
 
 
+def markdown_table(reports) -> str:
+    """A Markdown table of measured rows: device, precision, model, mode, physical batch, img/s,
+    peak memory and the ratio to the non-private row of the same model, device and precision."""
+    lines = ["| device | precision | model | norm | mode | physical batch | img/s | peak GiB "
+             "| ratio to non-private |",
+             "|---|---|---|---|---|---:|---:|---:|---:|"]
+    for rep in reports:
+        cfg, env = rep["config"], rep["env"]
+        device = env.get("gpu", env["device"])
+        precision = "bf16 autocast" if cfg.get("bf16") else "fp32"
+        if cfg.get("channels_last"):
+            precision += ", channels_last"
+        model = f"{{}} {cfg['encoder']} OS{cfg['output_stride']} crop {cfg['crop']}"
+        for r in rep["results"]:
+            if r.get("img_per_s") is None:
+                continue
+            peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a"
+            ratio = (f"{r['ratio_to_nonprivate']:.2f}×" if r.get("ratio_to_nonprivate")
+                     else "n/a")
+            lines.append(f"| {device} | {precision} | {model.format(r['arch'])} | {r['norm']} "
+                         f"| {r['mode']} | {r['batch']} | {r['img_per_s']:.2f} | {peak} "
+                         f"| {ratio} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.markdown:
+        reports = []
+        for path in args.markdown:
+            with open(path) as fh:
+                reports.append(json.load(fh))
+        print(markdown_table(reports))
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # build_model warns on every build that frozen BatchNorms without pretrained weights are
     # identity maps: irrelevant for timing, said once here
