@@ -7,7 +7,8 @@ built by ``patchdp_opacus.segmentation.models.build_model``) and BatchNorm polic
 that fits (doubling, then bisection on CUDA out-of-memory; or the ``--batch`` list), with the same
 precision for all modes (fp32, or ``--bf16`` autocast). Modes:
 
-* ``nonprivate``  plain SGD step;
+* ``nonprivate``  SGD step on the batch gradient, its total norm clipped to ``--max-grad-norm``
+                  (keeps random-weight frozen-BN models finite; a fused norm, negligible cost);
 * ``hooks``       Opacus ``GradSampleModule`` + ``DPOptimizer`` (materialised per-sample grads);
 * ``ghost``       Opacus ghost clipping (``GradSampleModuleFastGradientClipping``, two backward
                   passes; conv layers still instantiate per-sample gradients);
@@ -71,32 +72,59 @@ OOM_MARKERS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLO
 # -- models ---------------------------------------------------------------------------------------
 
 def model_builder(arch: str, encoder: str, output_stride: int, norm: str, num_classes: int):
-    """Return a zero-argument function building a fresh Opacus-compatible model (CPU, train mode).
+    """Return a zero-argument function building a fresh Opacus-compatible model (CPU, train mode)
+    with ``patchdp_opacus.segmentation.models.build_model``.
 
-    Uses ``patchdp_opacus.segmentation.models.build_model`` (the project's builder); the fallback
-    (smp directly, for checkouts without it) is the single place to swap."""
-    try:
-        from patchdp_opacus.segmentation.models import build_model
-    except ImportError:  # pragma: no cover - fallback for older checkouts
-        build_model = None
+    With ``norm="frozen"`` and random weights, frozen BatchNorms would be identity maps and the
+    activations of a ResNet-101 grow by orders of magnitude until a plain SGD step diverges (a
+    non-finite loss). Pretrained statistics normalise; here each frozen BatchNorm gets the
+    per-channel mean and variance of its input on one random batch (:func:`calibrate_frozen_bn`,
+    computed once, copied into every build). The cost of a step is the same either way."""
+    from patchdp_opacus.segmentation.models import build_model
+
+    stats = {}
 
     def make():
-        if build_model is not None:
-            return build_model(arch, encoder_name=encoder, encoder_weights=None,
-                               num_classes=num_classes, output_stride=output_stride, norm=norm)
-        import segmentation_models_pytorch as smp
-        from patchdp_opacus.plugin.compat import make_private_compatible
-        if arch == "deeplabv3plus":
-            net = smp.DeepLabV3Plus(encoder_name=encoder, encoder_weights=None,
-                                    encoder_output_stride=output_stride, classes=num_classes,
-                                    decoder_atrous_rates=(12, 24, 36))
-        else:
-            net = smp.PSPNet(encoder_name=encoder, encoder_weights=None, encoder_depth=5,
-                             classes=num_classes, upsampling=output_stride)
-        net, _ = make_private_compatible(net, norm=norm)
-        return net.train()
+        net = build_model(arch, encoder_name=encoder, encoder_weights=None,
+                          num_classes=num_classes, output_stride=output_stride, norm=norm)
+        if norm == "frozen":
+            if not stats:
+                stats.update(calibrate_frozen_bn(net))
+            buffers = dict(net.named_buffers())
+            with torch.no_grad():
+                for name, value in stats.items():
+                    buffers[name].copy_(value)
+        return net
 
     return make
+
+
+def calibrate_frozen_bn(net: nn.Module, crop: int = 129, batch: int = 2, seed: int = 0) -> dict:
+    """Set every frozen BatchNorm's running mean/variance to those of its input on one random
+    batch (pixels uniform in [0, 255], one forward pass in eval mode, in layer order, so each
+    layer sees inputs already normalised by the layers before it); return the new buffers by
+    name."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    def set_stats(module, inputs):
+        x = inputs[0].transpose(0, 1).flatten(1)  # (C, N*H*W)
+        module.running_mean.copy_(x.mean(1))
+        module.running_var.copy_(x.var(1, unbiased=False))
+
+    norms = {name: m for name, m in net.named_modules() if isinstance(m, _BatchNorm)}
+    handles = [m.register_forward_pre_hook(set_stats) for m in norms.values()]
+    gen = torch.Generator().manual_seed(seed)
+    was_training = net.training
+    net.eval()  # dropout off: deterministic, and no draws from the global RNG
+    try:
+        with torch.no_grad():
+            net(torch.rand(batch, 3, crop, crop, generator=gen) * 255)
+    finally:
+        net.train(was_training)
+        for h in handles:
+            h.remove()
+    return {f"{name}.{buf}": getattr(m, buf).clone() for name, m in norms.items()
+            for buf in ("running_mean", "running_var")}
 
 
 def per_image_loss():
@@ -157,8 +185,9 @@ class Trainer:
         else:
             self.net = FAST_MODES["bk"].wrap_model(model, batch_first=True, loss_reduction="mean",
                                                    max_grad_norm=C, **options)
-        sgd = torch.optim.SGD([p for p in self.net.parameters() if p.requires_grad], lr=args.lr,
-                              momentum=0.9)
+        self.params = [p for p in self.net.parameters() if p.requires_grad]
+        self.max_grad_norm = C
+        sgd = torch.optim.SGD(self.params, lr=args.lr, momentum=0.9)
         dp = dict(noise_multiplier=z, max_grad_norm=C, expected_batch_size=batch,
                   loss_reduction="mean")
         if self.kind == "nonprivate":
@@ -186,6 +215,11 @@ class Trainer:
             loss = self.loss_fn(out, self.y)
         loss.backward()
         if apply:
+            if self.kind == "nonprivate":
+                # the batch gradient's norm clipped to C (one fused norm; well under 1% of a
+                # step): random-weight frozen-BatchNorm ResNets have gradient norms ~1e4 and
+                # diverge in one plain SGD step
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         return loss
@@ -573,9 +607,6 @@ def main(argv=None) -> int:
     # build_model warns on every build that frozen BatchNorms without pretrained weights are
     # identity maps: irrelevant for timing, said once here
     logging.getLogger("patchdp_opacus.segmentation.models").setLevel(logging.ERROR)
-    if "frozen" in args.norms:
-        logger.warning("norm=frozen with random weights: frozen BatchNorms are identity maps "
-                       "(same cost as with pretrained statistics)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available; use --device cpu (--tiny for the smoke test)",

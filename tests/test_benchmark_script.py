@@ -60,3 +60,35 @@ def test_markdown_skips_failed_rows_and_names_precision(bench, capsys):
     table = bench.markdown_table([report]).splitlines()
     assert table[2:] == ["| NVIDIA H100 80GB HBM3 | bf16 autocast | pspnet resnet101 OS8 crop 505 "
                          "| frozen | nonprivate | 32 | 40.00 | 60.2 | 1.00× |"]
+
+
+def test_frozen_batchnorm_statistics_are_calibrated(bench):
+    """Random-weight frozen BatchNorms get their inputs' statistics: every one of them then
+    outputs zero-mean, unit-variance channels on the calibration batch (identity maps would let
+    a ResNet-101's activations grow until the non-private step diverges)."""
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    make = bench.model_builder("deeplabv3plus", "resnet18", 8, "frozen", 5)
+    net, again = make(), make()
+    norms = {n: m for n, m in net.named_modules() if isinstance(m, _BatchNorm)}
+    assert len(norms) > 20 and all(not m.training for m in norms.values())
+    for name, buf in again.named_buffers():  # the second build gets the same statistics
+        assert torch.equal(buf, dict(net.named_buffers())[name])
+    assert any(not torch.allclose(m.running_var, torch.ones_like(m.running_var))
+               for m in norms.values())
+    outputs = {}
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: outputs.__setitem__(n, o))
+               for n, m in norms.items()]
+    gen = torch.Generator().manual_seed(0)  # calibrate_frozen_bn's defaults: the same batch
+    with torch.no_grad():
+        net.eval()(torch.rand(2, 3, 129, 129, generator=gen) * 255)
+    for h in handles:
+        h.remove()
+    for name, out in outputs.items():
+        per_channel = out.transpose(0, 1).flatten(1)
+        assert per_channel.mean(1).abs().max() < 1e-3, name
+        # unit variance, up to BatchNorm's eps (visible where 2 samples x 1 pixel barely differ)
+        rv, eps = norms[name].running_var, norms[name].eps
+        torch.testing.assert_close(per_channel.var(1, unbiased=False), rv / (rv + eps),
+                                   rtol=1e-3, atol=1e-4, msg=name)
