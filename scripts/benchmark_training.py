@@ -577,7 +577,7 @@ def markdown_table(reports) -> str:
              "|---|---|---|---|---|---:|---:|---:|---:|"]
     for rep in reports:
         cfg, env = rep["config"], rep["env"]
-        device = env.get("gpu", env["device"])
+        device = env.get("gpu") or f"CPU, torch threads {env['threads']}"
         precision = "bf16 autocast" if cfg.get("bf16") else "fp32"
         if cfg.get("channels_last"):
             precision += ", channels_last"
@@ -589,7 +589,7 @@ def markdown_table(reports) -> str:
             ratio = (f"{r['ratio_to_nonprivate']:.2f}×" if r.get("ratio_to_nonprivate")
                      else "n/a")
             lines.append(f"| {device} | {precision} | {model.format(r['arch'])} | {r['norm']} "
-                         f"| {r['mode']} | {r['batch']} | {r['img_per_s']:.2f} | {peak} "
+                         f"| {r['mode']} | {r['batch']} | {r['img_per_s']:.3g} | {peak} "
                          f"| {ratio} |")
     return "\n".join(lines)
 

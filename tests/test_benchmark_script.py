@@ -45,7 +45,7 @@ def test_tiny_run_writes_report_and_markdown(bench, tmp_path, capsys):
     table = capsys.readouterr().out.strip().splitlines()
     assert table[0].startswith("| device | precision | model |")
     assert len(table) == 2 + 2
-    assert table[-1].startswith("| cpu | fp32 | deeplabv3plus resnet18 OS8 crop 64 | group | bk | 2 |")
+    assert table[-1].startswith("| CPU, torch threads 1 | fp32 | deeplabv3plus resnet18 OS8 crop 64 | group | bk | 2 |")
     assert table[-1].endswith(f"| {rows['bk']['ratio_to_nonprivate']:.2f}× |")
 
 
@@ -54,12 +54,16 @@ def test_markdown_skips_failed_rows_and_names_precision(bench, capsys):
                          "output_stride": 8, "crop": 505},
               "env": {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"},
               "results": [{"arch": "pspnet", "norm": "frozen", "mode": "nonprivate", "batch": 32,
-                           "img_per_s": 40.0, "peak_gib": 60.25, "ratio_to_nonprivate": 1.0},
+                           "img_per_s": 40.04, "peak_gib": 60.25, "ratio_to_nonprivate": 1.0},
+                          {"arch": "pspnet", "norm": "frozen", "mode": "bk", "batch": 2,
+                           "img_per_s": 0.05452, "peak_gib": None, "ratio_to_nonprivate": None},
                           {"arch": "pspnet", "norm": "frozen", "mode": "hooks",
                            "error": "out of memory at every batch tried"}]}
     table = bench.markdown_table([report]).splitlines()
     assert table[2:] == ["| NVIDIA H100 80GB HBM3 | bf16 autocast | pspnet resnet101 OS8 crop 505 "
-                         "| frozen | nonprivate | 32 | 40.00 | 60.2 | 1.00× |"]
+                         "| frozen | nonprivate | 32 | 40 | 60.2 | 1.00× |",
+                         "| NVIDIA H100 80GB HBM3 | bf16 autocast | pspnet resnet101 OS8 crop 505 "
+                         "| frozen | bk | 2 | 0.0545 | n/a | n/a |"]
 
 
 def test_frozen_batchnorm_statistics_are_calibrated(bench):
