@@ -106,6 +106,29 @@ def test_calibration_never_overshoots_and_is_tight(target, q, p, steps):
     assert epsilon(PatchDPSGD(z * (1 - 3e-3), q, p, steps), delta_) > target
 
 
+@pytest.mark.parametrize("fine_shift", [0.05, -0.05])
+def test_calibration_safe_when_finer_discretisation_moves_epsilon(monkeypatch, fine_shift):
+    """The ladder assumes a finer rung moves epsilon very little; with a synthetic epsilon whose
+    finest rung is 5% above (or below) the coarser ones, the answer must still meet the target
+    at the requested discretisation, and (shift up: that rung re-brackets and bisects) be
+    tight there."""
+    from patchdp_opacus.privacy import accounting
+
+    fine = 1e-4
+    calls = []
+
+    def fake_epsilon(run, delta_, disc):
+        calls.append(disc)
+        return 10.0 / run.noise_multiplier * (1 + (fine_shift if disc <= fine else 0.0))
+
+    monkeypatch.setattr(accounting, "epsilon", fake_epsilon)
+    z = accounting.calibrate_noise(4.0, 1e-5, 0.1, 0.5, 10, discretization=fine)
+    assert set(calls) == {1e-2, 1e-3, fine}
+    assert fake_epsilon(PatchDPSGD(z, 0.1, 0.5, 10), 1e-5, fine) <= 4.0
+    exact = 10.0 * (1 + fine_shift) / 4.0 if fine_shift > 0 else 10.0 / 4.0
+    assert exact <= z <= exact * (1 + 2e-3)
+
+
 def test_calibration_speed_setting_and_errors():
     with pytest.raises(ValueError, match="target_epsilon"):
         calibrate_noise(0.0, 1e-5, 0.1, 0.5, 10)
