@@ -605,7 +605,7 @@ def main(argv=None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # build_model warns on every build that frozen BatchNorms without pretrained weights are
-    # identity maps: irrelevant for timing, said once here
+    # identity maps; model_builder gives them calibrated statistics instead
     logging.getLogger("patchdp_opacus.segmentation.models").setLevel(logging.ERROR)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
