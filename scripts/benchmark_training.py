@@ -644,24 +644,23 @@ def main(argv=None) -> int:
             make_model = model_builder(arch, args.encoder, args.output_stride, norm,
                                        args.num_classes)
             log(f"## {arch} / {norm}")
+            def record(key, what, measure):
+                """Run one side measurement; a failure is logged and recorded, not raised."""
+                try:
+                    found = measure()
+                except Exception as exc:  # noqa: BLE001 - keep benchmarking the modes
+                    found = {"error": f"{type(exc).__name__}: {exc}"}
+                    log(f"    {what} failed: {found['error']}")
+                    free(device)
+                report[key].append({"arch": arch, "norm": norm, **found})
+                save()
+
             if args.layer_bench:
-                try:
-                    lb = layer_bench(make_model, args, device, args.layer_bench, log)
-                except Exception as exc:  # noqa: BLE001
-                    lb = {"error": f"{type(exc).__name__}: {exc}"}
-                    log(f"    layer bench failed: {lb['error']}")
-                    free(device)
-                report["layer_bench"].append({"arch": arch, "norm": norm, **lb})
-                save()
+                record("layer_bench", "layer bench",
+                       lambda: layer_bench(make_model, args, device, args.layer_bench, log))
             if args.check:
-                try:
-                    chk = check_against_hooks(make_model, args, device, log)
-                except Exception as exc:  # noqa: BLE001
-                    chk = {"error": f"{type(exc).__name__}: {exc}"}
-                    log(f"    check failed: {chk['error']}")
-                    free(device)
-                report["checks"].append({"arch": arch, "norm": norm, **chk})
-                save()
+                record("checks", "check",
+                       lambda: check_against_hooks(make_model, args, device, log))
             for spec in args.mode_list:
                 row = {"arch": arch, "norm": norm, "mode": spec}
                 if args.time_limit and time.perf_counter() - started > args.time_limit:
