@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from patchdp_opacus.plugin.crop import CroppingDataset, crop_sample, token_moduli
 from patchdp_opacus.plugin.loader import CropDPDataLoader
 from patchdp_opacus.plugin.sampler import FixedSizeBatchSampler
+from patchdp_opacus.plugin.transforms import TransformNotAllowedError
 from patchdp_opacus.privacy import Circle, CropGeometry, PatchPrivacySpec
 
 ALPHA = 1e-4  # chi-square acceptance level; all runs are seeded, so deterministic
@@ -309,9 +310,15 @@ def test_from_data_loader_keeps_settings_and_finds_sizes(caplog):
 
     user = DataLoader(CoordDataset([(6, 7)], 20), batch_size=5, shuffle=True, drop_last=True,
                       collate_fn=collate, worker_init_fn=init, pin_memory=False, timeout=0)
+    with pytest.raises(TransformNotAllowedError, match="collate_fn: .*collate"):
+        CropDPDataLoader.from_data_loader(user, crop=4, private_region=(2, 2), seed=0,
+                                          image_sizes=[(6, 7)])
     with caplog.at_level(logging.WARNING, logger="patchdp_opacus.plugin.loader"):
-        dp = CropDPDataLoader.from_data_loader(user, crop=4, private_region=(2, 2), seed=0)
+        dp = CropDPDataLoader.from_data_loader(user, crop=4, private_region=(2, 2), seed=0,
+                                               allow_unchecked_transforms=["collate"])
     assert "loading all 20 samples" in caplog.text
+    assert dp.unchecked_transforms == (
+        "test_crop_loader.test_from_data_loader_keeps_settings_and_finds_sizes.<locals>.collate",)
     assert dp.image_sizes == ((6, 7),) and dp.batch_size == 5 and len(dp) == 4
     assert dp.collate_fn is collate and dp.worker_init_fn is init and dp.num_workers == 0
     assert dp.dataset.dataset is user.dataset
@@ -409,7 +416,7 @@ def test_secure_and_distributed_options():
         recover_origins(images, spec, (6, 6))
     with pytest.raises(ValueError, match="secure"):
         CropDPDataLoader(ds, batch_size=4, spec=spec, secure=True, seed=1)
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(RuntimeError, match="process group"):  # the seed is drawn and shared
         CropDPDataLoader(ds, batch_size=4, spec=spec, distributed=True)
     with pytest.raises(RuntimeError, match="process group"):
         CropDPDataLoader(ds, batch_size=4, spec=spec, distributed=True, seed=1)

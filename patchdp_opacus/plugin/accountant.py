@@ -27,7 +27,7 @@ LEVELS = ("patch", "record")
 
 
 class GradientAccumulationError(RuntimeError):
-    pass
+    """Per-sample gradients of several independent loader draws would share one noisy step."""
 
 
 class PatchPLDAccountant(IAccountant):

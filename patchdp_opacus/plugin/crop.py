@@ -242,15 +242,20 @@ def crop_sample(sample: Any, crop: CropGeometry, u_y: int, u_x: int, *,
 class CroppingDataset(Dataset):
     """Wraps a map-style dataset; ``__getitem__`` takes a crop token ``(index, u_y, u_x)``
     (a :class:`~patchdp_opacus.plugin.sampler.CropToken`, tuple or list), loads
-    ``dataset[index]`` (with the user's transforms) and crops it per ``spec.crop``, checking the
-    image size against ``spec.image_sizes``.  ``len()`` is the wrapped dataset's length."""
+    ``dataset[index]`` (with the user's transforms), crops it per ``spec.crop``, checking the
+    image size against ``spec.image_sizes``, and applies ``post_crop_transform`` (if any) to
+    the cropped sample.  ``len()`` is the wrapped dataset's length."""
 
     def __init__(self, dataset, spec: PatchPrivacySpec, *, image_fill=0,
-                 ignore_index=DEFAULT_IGNORE_INDEX):
+                 ignore_index=DEFAULT_IGNORE_INDEX, post_crop_transform=None):
+        if post_crop_transform is not None and not callable(post_crop_transform):
+            raise TypeError(f"post_crop_transform must be callable, got "
+                            f"{type(post_crop_transform).__name__}")
         self.dataset = dataset
         self.spec = spec
         self.image_fill = image_fill
         self.ignore_index = ignore_index
+        self.post_crop_transform = post_crop_transform
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -267,5 +272,9 @@ class CroppingDataset(Dataset):
         except (TypeError, ValueError):
             raise TypeError(f"expected a crop token (index, u_y, u_x), got {token!r}") from None
         sample = self.dataset[index]
-        return crop_sample(sample, self.spec.crop, u_y, u_x, image_sizes=self.spec.image_sizes,
-                           image_fill=self.image_fill, ignore_index=self.ignore_index)
+        cropped = crop_sample(sample, self.spec.crop, u_y, u_x,
+                              image_sizes=self.spec.image_sizes, image_fill=self.image_fill,
+                              ignore_index=self.ignore_index)
+        if self.post_crop_transform is None:
+            return cropped
+        return self.post_crop_transform(cropped)

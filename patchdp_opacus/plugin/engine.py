@@ -1,6 +1,10 @@
-"""Drop-in replacement for ``opacus.PrivacyEngine`` with patch-level accounting (Theorem 2).
+"""Drop-in replacement for ``opacus.PrivacyEngine``: Opacus without a crop geometry,
+patch-level accounting (Theorem 2) with one.
 
-A user changes the import and describes the crop and the private region::
+A user changes the import.  Without ``crop=`` / ``private_region=`` (and without a
+:class:`~patchdp_opacus.plugin.loader.CropDPDataLoader`) every call behaves exactly as Opacus'
+(any accountant, Poisson sampling by default, Opacus' data loader and epsilon: record-level
+add/remove).  With them the engine switches to the patch-level mode::
 
     from patchdp_opacus import PrivacyEngine
     engine = PrivacyEngine()
@@ -12,16 +16,22 @@ A user changes the import and describes the crop and the private region::
     engine.get_epsilon(delta)                    # patch level
     engine.get_epsilon(delta, level="record")    # record-level baseline, same steps
 
-What the engine guarantees on top of Opacus:
+What the patch-level mode guarantees on top of Opacus (:meth:`PrivacyEngine._make_private_patch`
+is the one place that builds it):
 
 * the data loader is a :class:`~patchdp_opacus.plugin.loader.CropDPDataLoader`: fixed-size
-  batches of exactly ``B`` drawn without replacement every step, and the random crop applied by
-  the loader itself from the same :class:`~patchdp_opacus.privacy.spec.PatchPrivacySpec` the
-  accountant uses;
-* the accountant records ``(z, q = B / N, steps)`` once per logical step and applies ``p`` once;
-* ``optimizer.expected_batch_size`` is ``B`` exactly (Opacus would derive ``int(N / len)``);
-* Poisson sampling with a patch-level claim is refused (Theorem 2 is proven for fixed-size
-  batches without replacement).  Record-level Poisson accounting: use ``opacus.PrivacyEngine``.
+  batches of exactly ``B`` drawn without replacement every step from OS entropy, the random
+  crop applied by the loader itself from the same
+  :class:`~patchdp_opacus.privacy.spec.PatchPrivacySpec` the accountant uses, and the dataset's
+  transforms and ``collate_fn`` inspected;
+* the accountant (``patch_pld``) records ``(z, q = B / N, steps)`` once per logical step and
+  applies ``p`` once; ``optimizer.expected_batch_size`` is ``B`` exactly;
+* every noisy step releases exactly one logical batch, one gradient row per sample, from a
+  model without sample-mixing layers (:mod:`patchdp_opacus.plugin.integrity`);
+* the noise comes from a generator seeded with OS entropy (``secure_mode=True``: reseeded
+  every step, floating-point attack mitigation), never from ``torch.manual_seed``;
+* refused, each with its reason: Poisson sampling, an explicitly chosen Opacus accountant,
+  adaptive clipping, group privacy inside the accountant, manual accumulation.
 """
 
 from __future__ import annotations
@@ -32,24 +42,40 @@ from typing import Optional
 
 import opacus
 import torch
+from opacus.accountants import create_accountant
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.optimizers import get_optimizer_class
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from patchdp_opacus.plugin.accountant import LEVELS, PatchPLDAccountant
+from patchdp_opacus.plugin.integrity import (
+    ModuleIntegrity,
+    NoiseSource,
+    SampleMixingError,
+    mixing_modules,
+    rows_from_grad_samples,
+    with_mixins,
+)
 from patchdp_opacus.plugin.loader import CropDPDataLoader
 from patchdp_opacus.privacy import accounting
 
 logger = logging.getLogger(__name__)
 
-#: make_private's arguments that describe the crop, the private region and the sampling seed.
-_GEOMETRY_ARGS = ("crop", "padding", "pad_if_needed", "private_region", "image_sizes",
-                  "group_size", "allow_unchecked_transforms", "seed")
+PATCH_ACCOUNTANT = PatchPLDAccountant.mechanism()
+#: Accountant of the Opacus (record-level) mode when none is chosen: Opacus' default.
+OPACUS_DEFAULT_ACCOUNTANT = "prv"
+
+#: make_private's arguments that only exist in the patch-level mode, with their defaults.
+GEOMETRY_ARGS = {"crop": None, "padding": None, "pad_if_needed": False, "private_region": None,
+                 "image_sizes": None, "group_size": 1, "allow_unchecked_transforms": False,
+                 "seed": None, "post_crop_transform": None}
 
 _POISSON_REFUSAL = (
     "poisson_sampling=True cannot carry a patch-level claim: Theorem 2 is proven for fixed-size "
     "batches sampled uniformly without replacement, which the crop-aware loader provides. Leave "
-    "poisson_sampling=False (the default here), or use opacus.PrivacyEngine for record-level "
-    "accounting with Poisson sampling.")
+    "poisson_sampling unset (fixed-size in the patch-level mode), or drop crop=/private_region= "
+    "for Opacus' record-level accounting with Poisson sampling.")
 
 
 def _fast_modes() -> dict:
@@ -62,62 +88,125 @@ def _fast_modes() -> dict:
     return FAST_MODES
 
 
+def _split_geometry(kwargs: dict) -> dict:
+    """Pop the patch-level arguments out of ``kwargs``; returns those that were given."""
+    return {k: kwargs.pop(k) for k in GEOMETRY_ARGS if k in kwargs}
+
+
+def is_patch_level(data_loader, geometry: dict) -> bool:
+    """The one rule that decides the mode of a ``make_private`` call: a crop geometry and a
+    private region, or a :class:`CropDPDataLoader`, switch on the patch-level mode."""
+    given = {k for k, v in geometry.items() if v != GEOMETRY_ARGS[k]}
+    if isinstance(data_loader, CropDPDataLoader) or {"crop", "private_region"} & given:
+        return True
+    if given:
+        raise ValueError(
+            f"{sorted(given)} describe the patch-level claim and need crop=(h, w) and "
+            f"private_region=(k_h, k_w) (or a CropDPDataLoader); without them the engine is "
+            f"plain Opacus (record-level add/remove accounting)")
+    return False
+
+
 class PrivacyEngine(opacus.PrivacyEngine):
-    """``opacus.PrivacyEngine`` with the Theorem-2 accountant and the crop-aware loader.
+    """``opacus.PrivacyEngine`` plus the patch-level mode (see the module docstring).
 
     Args:
-        accountant: only ``"patch_pld"`` (Opacus' own accountants model Poisson sampling under
-            add/remove, a different mechanism and relation).
-        secure_mode: draw batch indices and crop origins from the OS CSPRNG (``secrets``).
-            This covers sampling and cropping only: Opacus' Gaussian noise still comes from
-            torch's generator (Opacus' own secure mode needs torchcsprng, which does not build
-            for current torch).
+        accountant: ``None`` (default) picks the accountant per mode: ``"patch_pld"`` when a
+            crop geometry is given, Opacus' default ``"prv"`` otherwise.  An Opacus accountant
+            (``"prv"``, ``"rdp"``, ``"gdp"``) chosen explicitly is used without a geometry and
+            refused with one (it models Poisson sampling under add/remove, a different mechanism
+            and relation); ``"patch_pld"`` needs a geometry.
+        secure_mode: OS entropy for every random draw DP relies on.  Patch-level mode: batch
+            indices and crop origins from :mod:`secrets`, noise from a generator reseeded from
+            the OS at every step with Opacus' floating-point attack mitigation.  Opacus mode:
+            the same noise, and Opacus' Poisson sampler seeded from the OS.  Opacus' own secure
+            mode needs torchcsprng, which does not build for current torch; this one does not.
     """
 
-    def __init__(self, *, accountant: str = "patch_pld", secure_mode: bool = False):
-        if accountant != PatchPLDAccountant.mechanism():
-            raise ValueError(
-                f"accountant={accountant!r}: patchdp_opacus.PrivacyEngine accounts with "
-                f"'{PatchPLDAccountant.mechanism()}' (Theorem 2, fixed-size batches). Opacus' "
-                f"'{accountant}' accountant assumes Poisson sampling; use opacus.PrivacyEngine "
-                f"for it.")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            super().__init__(accountant=accountant, secure_mode=False)
-        self.secure_sampling = bool(secure_mode)
+    def __init__(self, *, accountant: Optional[str] = None, secure_mode: bool = False):
+        self.requested_accountant = accountant
+        initial = accountant or OPACUS_DEFAULT_ACCOUNTANT
+        if secure_mode:
+            with warnings.catch_warnings():  # Opacus warns that its secure RNG is off
+                warnings.filterwarnings("ignore", message="Secure RNG turned off")
+                super().__init__(accountant=initial, secure_mode=False)
+        else:
+            super().__init__(accountant=initial, secure_mode=False)
+        self.secure_mode = bool(secure_mode)
+        if self.secure_mode:  # read by Opacus' Poisson loader in the Opacus mode
+            from patchdp_opacus.plugin.sampler import os_seeded_generator
+
+            self.secure_rng = os_seeded_generator()
+        self.patch_level = False
         self.data_loader: Optional[CropDPDataLoader] = None
         self.max_grad_norm = None
         self.noise_multiplier = None
+        self.noise_source: Optional[NoiseSource] = None
         self._fast_options: dict = {}
         self.target: Optional[dict] = None  # set by make_private_with_epsilon
         self._budget_warned = False
 
+    @property
+    def secure_sampling(self) -> bool:
+        return self.secure_mode
+
+    # -- the mode ---------------------------------------------------------------------------
+    def _switch_accountant(self, patch_level: bool) -> None:
+        """Make the accountant fit the mode; never mixes steps of the two relations."""
+        wanted_patch = patch_level
+        requested = self.requested_accountant
+        if patch_level and requested not in (None, PATCH_ACCOUNTANT):
+            raise ValueError(
+                f"accountant={requested!r} with a crop geometry: Opacus' {requested!r} accountant "
+                f"models Poisson sampling under add/remove of a record, not the patch-level "
+                f"substitution relation with fixed-size batches; use PrivacyEngine() (or "
+                f"accountant='{PATCH_ACCOUNTANT}') for patch-level accounting, or drop crop=/"
+                f"private_region= to keep {requested!r}")
+        if not patch_level and requested == PATCH_ACCOUNTANT:
+            raise ValueError(
+                f"accountant='{PATCH_ACCOUNTANT}' needs a crop geometry: pass crop=(h, w) and "
+                f"private_region=(k_h, k_w) (or a CropDPDataLoader), or choose an Opacus "
+                f"accountant for record-level accounting")
+        is_patch = isinstance(self.accountant, PatchPLDAccountant)
+        if is_patch == wanted_patch:
+            self.patch_level = patch_level
+            return
+        if len(self.accountant) > 0:
+            raise ValueError(
+                f"this engine already accounted {len(self.accountant)} steps in the "
+                f"{'patch-level' if is_patch else 'Opacus record-level'} mode; its accountant "
+                f"cannot compose them with the other relation. Use a new PrivacyEngine")
+        self.accountant = create_accountant(
+            PATCH_ACCOUNTANT if patch_level else (requested or OPACUS_DEFAULT_ACCOUNTANT))
+        self.patch_level = patch_level
+
+    def _reset_run_state(self) -> None:
+        self.data_loader = None
+        self.noise_source = None
+        self.target = None
+        self._budget_warned = False
+
     # -- data ---------------------------------------------------------------------------------
-    def _crop_loader(self, data_loader, module, *, crop=None, padding=(0, 0),
-                     pad_if_needed=False, private_region=None, image_sizes=None, group_size=1,
-                     allow_unchecked_transforms=False, seed=None) -> CropDPDataLoader:
-        distributed = isinstance(module, (DPDDP, DDP))
-        geometry_given = crop is not None or private_region is not None
+    def _crop_loader(self, data_loader, distributed: bool, **geometry) -> CropDPDataLoader:
+        geometry = {**GEOMETRY_ARGS, **geometry}
         if isinstance(data_loader, CropDPDataLoader):
-            if geometry_given:
+            given = sorted(k for k, v in geometry.items() if v != GEOMETRY_ARGS[k])
+            if given:
                 raise ValueError(
-                    "data_loader is already a CropDPDataLoader with its own crop and private "
-                    "region; do not pass crop=/private_region= again")
+                    f"data_loader is already a CropDPDataLoader with its own crop, private "
+                    f"region and sampling; do not pass {given} again")
             if distributed != bool(getattr(data_loader, "distributed", False)):
                 raise ValueError(
                     f"the model is {'' if distributed else 'not '}distributed but the "
                     f"CropDPDataLoader was built with distributed={not distributed}")
             return data_loader
-        if crop is None or private_region is None:
+        if geometry["crop"] is None or geometry["private_region"] is None:
             raise ValueError(
                 "patch-level accounting needs the crop geometry and the private region: pass "
                 "crop=(h, w) and private_region=(k_h, k_w) (or a shape / boolean mask), or a "
                 "CropDPDataLoader")
         return CropDPDataLoader.from_data_loader(
-            data_loader, crop=crop, padding=padding, pad_if_needed=pad_if_needed,
-            private_region=private_region, image_sizes=image_sizes, group_size=group_size,
-            allow_unchecked_transforms=allow_unchecked_transforms, seed=seed,
-            secure=self.secure_sampling, distributed=distributed)
+            data_loader, secure=self.secure_mode, distributed=distributed, **geometry)
 
     # -- fast per-sample clipping modes (patchdp_opacus.fast), next to Opacus' own -------------
     def _prepare_model(self, module, *, grad_sample_mode: str = "hooks", **kwargs):
@@ -132,66 +221,134 @@ class PrivacyEngine(opacus.PrivacyEngine):
                                max_grad_norm=kwargs.get("max_grad_norm", 1.0),
                                **self._fast_options)
 
-    def _prepare_optimizer(self, *, optimizer, grad_sample_mode: str = "hooks",
-                           distributed: bool = False, clipping: str = "flat",
-                           noise_generator=None, **kwargs):
+    def _optimizer_class(self, grad_sample_mode: str, clipping: str, distributed: bool) -> type:
         mode = _fast_modes().get(grad_sample_mode)
         if mode is None:
-            return super()._prepare_optimizer(
-                optimizer=optimizer, grad_sample_mode=grad_sample_mode, distributed=distributed,
-                clipping=clipping, noise_generator=noise_generator, **kwargs)
+            return get_optimizer_class(clipping=clipping, distributed=distributed,
+                                       grad_sample_mode=grad_sample_mode)
         if distributed or clipping != "flat":
             raise ValueError(f"grad_sample_mode={grad_sample_mode!r} supports single-process flat "
                              f"clipping only; use grad_sample_mode='hooks' for "
                              f"distributed={distributed}, clipping={clipping!r}")
+        return mode.optimizer_cls
+
+    def _prepare_optimizer(self, *, optimizer, noise_multiplier, max_grad_norm,
+                           expected_batch_size, loss_reduction: str = "mean",
+                           distributed: bool = False, clipping: str = "flat",
+                           noise_generator=None, grad_sample_mode: str = "hooks",
+                           guard: bool = False, noise_source: Optional[NoiseSource] = None,
+                           **kwargs):
+        """Build the DP optimizer: Opacus' class for the mode (or a fast mode's), with the
+        logical-batch guard (patch-level mode) and/or an OS noise source mixed in."""
         if isinstance(optimizer, opacus.optimizers.DPOptimizer):
             optimizer = optimizer.original_optimizer
-        return mode.optimizer_cls(optimizer=optimizer, generator=noise_generator,
-                                  secure_mode=False, **kwargs)
+        base = self._optimizer_class(grad_sample_mode, clipping, distributed)
+        if noise_source is None and self.secure_mode:  # Opacus mode, our secure noise
+            noise_source = NoiseSource("secure")
+        cls = with_mixins(base, guard) if (guard or noise_source is not None) else base
+        dp_optimizer = cls(optimizer=optimizer, noise_multiplier=noise_multiplier,
+                           max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                           loss_reduction=loss_reduction, generator=noise_generator,
+                           secure_mode=False, **kwargs)
+        if noise_source is not None:
+            dp_optimizer.set_noise_source(noise_source)
+            self.noise_source = noise_source
+        return dp_optimizer
 
     # -- the Opacus entry points ----------------------------------------------------------------
     def make_private(self, *, module, optimizer, data_loader, noise_multiplier, max_grad_norm,
-                     criterion=torch.nn.CrossEntropyLoss(), crop=None, padding=(0, 0),
-                     pad_if_needed: bool = False, private_region=None, image_sizes=None,
-                     group_size: int = 1, allow_unchecked_transforms: bool = False,
-                     seed: Optional[int] = None, poisson_sampling: bool = False,
+                     criterion=nn.CrossEntropyLoss(), poisson_sampling: Optional[bool] = None,
                      fast_options: Optional[dict] = None, **kwargs):
-        """Opacus' ``make_private`` plus the crop/patch description (see the module doc).
+        """Opacus' ``make_private``; with ``crop=`` and ``private_region=`` (plus ``padding``,
+        ``pad_if_needed``, ``image_sizes``, ``group_size``, ``allow_unchecked_transforms``,
+        ``seed``, ``post_crop_transform``: see
+        :meth:`CropDPDataLoader.from_data_loader`) or a CropDPDataLoader, the patch-level mode.
 
         ``noise_multiplier`` z: noise std = z * max_grad_norm.  ``fast_options``: options of a
         :mod:`patchdp_opacus.fast` mode (e.g. ``{"storage": "recompute"}`` for
-        ``grad_sample_mode="bk"``).  Returns
+        ``grad_sample_mode="bk"``).  ``poisson_sampling``: default ``True`` in the Opacus mode
+        (as Opacus), fixed-size batches in the patch-level mode.  Returns
         ``(module, optimizer, data_loader)``, or ``(module, optimizer, criterion, data_loader)``
         for ``grad_sample_mode="ghost"`` as Opacus does."""
-        if poisson_sampling:
-            raise ValueError(_POISSON_REFUSAL)
-        if kwargs.get("clipping", "flat") == "adaptive":
+        geometry = _split_geometry(kwargs)
+        patch_level = is_patch_level(data_loader, geometry)
+        if fast_options and kwargs.get("grad_sample_mode", "hooks") not in _fast_modes():
+            raise ValueError(f"fast_options apply to grad_sample_mode in {sorted(_fast_modes())}")
+        self._switch_accountant(patch_level)
+        self._reset_run_state()
+        self._fast_options = dict(fast_options or {})
+        self.max_grad_norm = max_grad_norm
+        self.noise_multiplier = noise_multiplier
+        if patch_level:
+            if poisson_sampling:
+                raise ValueError(_POISSON_REFUSAL)
+            return self._make_private_patch(
+                module=module, optimizer=optimizer, data_loader=data_loader,
+                noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                criterion=criterion, geometry=geometry, **kwargs)
+        logger.info("record-level DP-SGD with Opacus' '%s' accountant (add/remove of one record, "
+                    "Poisson sampling unless poisson_sampling=False); for patch-level "
+                    "accounting pass crop=(h, w) and private_region=(k_h, k_w)",
+                    self.accountant.mechanism())
+        return super().make_private(
+            module=module, optimizer=optimizer, data_loader=data_loader, criterion=criterion,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            poisson_sampling=True if poisson_sampling is None else poisson_sampling, **kwargs)
+
+    def _make_private_patch(self, *, module, optimizer, data_loader, noise_multiplier,
+                            max_grad_norm, criterion, geometry: dict, batch_first: bool = True,
+                            loss_reduction: str = "mean", clipping: str = "flat",
+                            noise_generator=None, grad_sample_mode: str = "hooks",
+                            wrap_model: bool = True, **kwargs):
+        """The patch-level mode, in order: refusals, the crop-aware loader and its spec, the
+        accountant, the per-sample model, the guarded optimizer with its noise source, the
+        accountant hook (see the module docstring)."""
+        if clipping == "adaptive":
             raise ValueError(
                 "clipping='adaptive' releases a noisy count of clipped samples at every step, a "
                 "second mechanism the Theorem-2 accountant does not cover; use clipping='flat' "
                 "(or 'per_layer', whose noise std is z times the total clip norm)")
-        if fast_options and kwargs.get("grad_sample_mode", "hooks") not in _fast_modes():
-            raise ValueError(f"fast_options apply to grad_sample_mode in {sorted(_fast_modes())}")
-        self._fast_options = dict(fast_options or {})
+        if grad_sample_mode == "ghost_fsdp":
+            raise ValueError("grad_sample_mode='ghost_fsdp' is not supported with a patch-level "
+                             "claim; use 'hooks', 'ghost' or 'bk' with DPDDP")
+        if noise_generator is not None and self.secure_mode:
+            raise ValueError("noise_generator= with secure_mode=True: secure mode reseeds the "
+                             "noise from the OS at every step; drop one of them")
+        model_parameters = set(module.parameters())
+        for group in optimizer.param_groups:
+            if any(p not in model_parameters for p in group["params"]):
+                raise ValueError("Module parameters are different than optimizer Parameters")
+        mixing = mixing_modules(module)
+        if mixing:
+            raise SampleMixingError(
+                f"module {mixing[0][0]!r} mixes samples in training mode: {mixing[0][1]}; use "
+                f"patchdp_opacus.plugin.compat.make_private_compatible(model, norm='frozen' or "
+                f"'group'), or put it in eval mode and keep it there")
         distributed = isinstance(module, (DPDDP, DDP))
-        loader = self._crop_loader(
-            data_loader, module, crop=crop, padding=padding, pad_if_needed=pad_if_needed,
-            private_region=private_region, image_sizes=image_sizes, group_size=group_size,
-            allow_unchecked_transforms=allow_unchecked_transforms, seed=seed)
+        loader = self._crop_loader(data_loader, distributed, **geometry)
         if loader.spec.group_size != 1:
             raise ValueError(
                 "group_size > 1 is evaluated with group privacy at report time "
                 "(patchdp_opacus.privacy.group_epsilon); the engine's accountant protects one "
                 "region per image — protect several regions as one Union mask instead")
         self.accountant.set_spec(loader.spec)
-        out = super().make_private(
-            module=module, optimizer=optimizer, criterion=criterion, data_loader=loader,
-            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            poisson_sampling=False, **kwargs)
-        dp_optimizer = out[1]
+        wrapped = self._prepare_model(module, batch_first=batch_first,
+                                      max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
+                                      grad_sample_mode=grad_sample_mode, wrap_model=wrap_model)
         world = torch.distributed.get_world_size() if distributed else 1
-        # Opacus derives these from len(loader); fixed-size batches know them exactly.
-        dp_optimizer.expected_batch_size = loader.batch_size // world
+        local_batch = loader.batch_size // world  # fixed-size batches: exact, not int(N / len)
+        noise = NoiseSource("user", noise_generator) if noise_generator is not None else \
+            NoiseSource("secure" if self.secure_mode else "os")
+        dp_optimizer = self._prepare_optimizer(
+            optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=local_batch, loss_reduction=loss_reduction,
+            distributed=distributed, clipping=clipping, grad_sample_mode=grad_sample_mode,
+            guard=True, noise_source=noise, **kwargs)
+        dp_optimizer.attach_guard(
+            batch_size=local_batch, sampler=loader.batch_sampler,
+            rows=self._rows_function(grad_sample_mode, wrapped),
+            integrity=ModuleIntegrity(wrapped if wrap_model else module),
+            prefetch=loader.num_workers * (loader.prefetch_factor or 0))
         self.target = self.__dict__.pop("_pending_target", None)
         account = self.accountant.get_optimizer_hook_fn(sample_rate=loader.sample_rate)
 
@@ -201,39 +358,72 @@ class PrivacyEngine(opacus.PrivacyEngine):
 
         dp_optimizer.attach_step_hook(step_hook)
         self.data_loader = loader
-        self.max_grad_norm = max_grad_norm
-        self.noise_multiplier = noise_multiplier
-        logger.info("patch-level DP-SGD: q=%.6g p=%.6g (%s) w=q*p=%.6g z=%.6g C=%s",
-                    loader.sample_rate, loader.inclusion_probability,
+        logger.info("patch-level DP-SGD: q=%.6g p=%.6g (%s) w=q*p=%.6g z=%.6g C=%s; noise: %s; "
+                    "sampling: %s", loader.sample_rate, loader.inclusion_probability,
                     loader.spec.inclusion.fraction, loader.effective_sample_rate,
-                    noise_multiplier, max_grad_norm)
-        return out
+                    noise_multiplier, max_grad_norm, noise.describe(), loader.sampling_source)
+        if "ghost" in grad_sample_mode:
+            criterion = self._prepare_criterion(module=wrapped, optimizer=dp_optimizer,
+                                                criterion=criterion,
+                                                loss_reduction=loss_reduction)
+            return wrapped, dp_optimizer, criterion, loader
+        return wrapped, dp_optimizer, loader
+
+    @staticmethod
+    def _rows_function(grad_sample_mode: str, wrapped):
+        """Per-sample gradient rows of the chunk an optimizer step just clipped, per mode."""
+        if grad_sample_mode in _fast_modes():
+            return lambda optim: int(optim.per_sample_norms.numel())
+        if "ghost" in grad_sample_mode:
+            return lambda optim: int(wrapped.per_sample_gradient_norms.shape[0])
+        return rows_from_grad_samples
 
     def make_private_with_epsilon(self, *, module, optimizer, data_loader, target_epsilon,
                                   target_delta, max_grad_norm, epochs=None, steps=None,
-                                  level: str = "patch", criterion=torch.nn.CrossEntropyLoss(),
-                                  poisson_sampling: bool = False, **kwargs):
+                                  level: Optional[str] = None,
+                                  criterion=nn.CrossEntropyLoss(),
+                                  poisson_sampling: Optional[bool] = None, **kwargs):
         """Calibrate z so that ``epsilon <= target_epsilon`` after ``epochs`` epochs (or
-        ``steps`` logical steps), then :meth:`make_private`.
+        ``steps`` steps), then :meth:`make_private`.
 
-        Steps are logical steps: ``epochs * len(data_loader)`` with ``len = round(N / B)``.
-        ``level="record"`` calibrates for the record-level baseline (p = 1) instead — the same
-        training, a different claim.  The crop/region arguments (``crop``, ``padding``,
-        ``pad_if_needed``, ``private_region``, ``image_sizes``, ``group_size``,
-        ``allow_unchecked_transforms``, ``seed``) and Opacus' other arguments are those of
-        :meth:`make_private`."""
+        Patch-level mode: steps are logical steps, ``epochs * len(data_loader)`` with
+        ``len = round(N / B)``; ``level="record"`` calibrates for the record-level baseline
+        (p = 1) instead -- the same training, a different claim.  Opacus mode: Opacus'
+        calibration for its accountant (``level`` must be left unset)."""
+        geometry = _split_geometry(kwargs)
+        if (epochs is None) == (steps is None):
+            raise ValueError("pass exactly one of epochs= or steps=")
+        if not is_patch_level(data_loader, geometry):
+            if level not in (None, "record"):
+                raise ValueError(f"level={level!r} needs a crop geometry (crop=, "
+                                 f"private_region=); without one the engine is Opacus")
+            if steps is None:
+                return super().make_private_with_epsilon(
+                    module=module, optimizer=optimizer, data_loader=data_loader,
+                    criterion=criterion, target_epsilon=target_epsilon,
+                    target_delta=target_delta, epochs=epochs, max_grad_norm=max_grad_norm,
+                    poisson_sampling=True if poisson_sampling is None else poisson_sampling,
+                    **kwargs)
+            self._switch_accountant(False)
+            z = opacus.accountants.utils.get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=target_delta,
+                sample_rate=1 / len(data_loader), steps=int(steps),
+                accountant=self.accountant.mechanism())
+            return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
+                                     criterion=criterion, noise_multiplier=z,
+                                     max_grad_norm=max_grad_norm,
+                                     poisson_sampling=poisson_sampling, **kwargs)
+        level = "patch" if level is None else level
         if poisson_sampling:
             raise ValueError(_POISSON_REFUSAL)
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-        if (epochs is None) == (steps is None):
-            raise ValueError("pass exactly one of epochs= or steps=")
+        self._switch_accountant(True)
         if len(self.accountant) > 0:
             warnings.warn("make_private_with_epsilon after steps were already accounted: the "
                           "calibrated noise assumes a fresh budget, the total epsilon will be "
                           "higher", stacklevel=2)
-        geometry = {k: kwargs.pop(k) for k in _GEOMETRY_ARGS if k in kwargs}
-        loader = self._crop_loader(data_loader, module, **geometry)
+        loader = self._crop_loader(data_loader, isinstance(module, (DPDDP, DDP)), **geometry)
         total_steps = int(steps) if steps is not None else int(round(epochs * len(loader)))
         p = loader.inclusion_probability if level == "patch" else 1.0
         z = accounting.calibrate_noise(target_epsilon, target_delta, loader.sample_rate, p,
@@ -262,41 +452,69 @@ class PrivacyEngine(opacus.PrivacyEngine):
         logger.warning(msg)
         warnings.warn(msg, stacklevel=3)
 
-    def get_epsilon(self, delta: float, level: str = "patch") -> float:
-        """Epsilon of the steps taken so far: patch level (default) or ``level="record"``."""
-        return self.accountant.get_epsilon(delta, level=level)
+    # -- reading the claim ----------------------------------------------------------------------
+    def get_epsilon(self, delta: float, level: Optional[str] = None) -> float:
+        """Epsilon of the steps taken so far.  Patch-level mode: patch level (default) or
+        ``level="record"`` (p = 1, same steps).  Opacus mode: Opacus' epsilon (record-level
+        add/remove); ``level="patch"`` raises there."""
+        if not isinstance(self.accountant, PatchPLDAccountant):
+            if level == "patch":
+                raise ValueError(
+                    "level='patch' needs a patch-level claim: this engine runs in the Opacus "
+                    "mode (no crop geometry was given to make_private), whose accountant "
+                    f"'{self.accountant.mechanism()}' is record-level add/remove. Pass crop= and "
+                    "private_region= to make_private for patch-level accounting")
+            return self.accountant.get_epsilon(delta)
+        return self.accountant.get_epsilon(delta, level=level or "patch")
 
     def privacy_report(self, delta: float) -> dict:
-        """Everything a reader needs to check the claim (JSON-able)."""
+        """Everything a reader needs to check the claim (JSON-able).  ``history`` lists every
+        ``(noise_multiplier z, sample_rate q, steps)`` segment actually run."""
         acc = self.accountant
-        spec = acc.spec
+        history = [list(h) for h in acc.history]
         report = {
-            "relation": "patch-level substitution" if spec else "record-level substitution",
-            "sampling": "fixed-size batches without replacement",
-            "secure_sampling": self.secure_sampling,
-            "history": [list(h) for h in acc.history],
+            "history": history,
+            "noise_multipliers_used": sorted({h[0] for h in history}),
             "steps": len(acc),
             "delta": delta,
             "max_grad_norm": self.max_grad_norm,
             "noise_multiplier": self.noise_multiplier,
-            "epsilon_patch": acc.get_epsilon(delta, level="patch") if spec else None,
-            "epsilon_record": acc.get_epsilon(delta, level="record"),
+            "secure_mode": self.secure_mode,
+            "noise_source": self.noise_source.describe() if self.noise_source else
+            "Opacus default: torch's global generator (reproducible from torch.manual_seed)",
         }
+        if not isinstance(acc, PatchPLDAccountant):
+            report.update(relation="record-level add/remove (Opacus)",
+                          sampling="Opacus data loader", accountant=acc.mechanism(),
+                          epsilon_record_add_remove=acc.get_epsilon(delta) if len(acc) else 0.0)
+            return report
+        spec = acc.spec
+        report.update(
+            relation="patch-level substitution" if spec else "record-level substitution",
+            sampling="fixed-size batches without replacement", accountant=acc.mechanism(),
+            secure_sampling=self.secure_mode,
+            epsilon_patch=acc.get_epsilon(delta, level="patch") if spec else None,
+            epsilon_record=acc.get_epsilon(delta, level="record"))
         if spec is not None:
             report["geometry"] = spec.to_dict()
         if self.data_loader is not None:
             report.update(batch_size=self.data_loader.batch_size,
                           dataset_size=len(self.data_loader.dataset),
                           sample_rate=self.data_loader.sample_rate,
-                          effective_sample_rate=self.data_loader.effective_sample_rate)
+                          effective_sample_rate=self.data_loader.effective_sample_rate,
+                          sampling_source=self.data_loader.sampling_source)
         return report
 
+    # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, *, path, module, optimizer=None, checkpoint_dict=None, **kwargs):
-        """Opacus' checkpoint plus the loader's sampling-generator state (resume continues the
-        same batch/crop stream) — the accountant's state carries the geometry."""
+        """Opacus' checkpoint (module, optimizer, accountant with the geometry).  Checkpoints
+        hold the model before its release: private artefacts.  No random-generator state of
+        the noise or of secret sampling is stored; a seeded loader's state is (it is known to
+        whoever knows the seed), so that a resumed run draws the batches it would have."""
         checkpoint_dict = dict(checkpoint_dict or {})
-        gen = getattr(getattr(self.data_loader, "batch_sampler", None), "generator", None)
-        if isinstance(gen, torch.Generator):
+        loader = self.data_loader
+        gen = getattr(getattr(loader, "batch_sampler", None), "generator", None)
+        if isinstance(gen, torch.Generator) and getattr(loader, "_seeded", False):
             checkpoint_dict["patchdp_sampler_rng_state"] = gen.get_state()
         return super().save_checkpoint(path=path, module=module, optimizer=optimizer,
                                        checkpoint_dict=checkpoint_dict, **kwargs)
@@ -307,6 +525,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
                                              **kwargs)
         state = checkpoint.get("patchdp_sampler_rng_state")
         gen = getattr(getattr(self.data_loader, "batch_sampler", None), "generator", None)
-        if state is not None and isinstance(gen, torch.Generator):
+        if state is not None and isinstance(gen, torch.Generator) \
+                and getattr(self.data_loader, "_seeded", False):
             gen.set_state(state)
         return checkpoint

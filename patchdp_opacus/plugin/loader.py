@@ -7,14 +7,19 @@ intersects a worst-case private region with probability at most
 ``p = spec.inclusion_probability``, so the patch-level accountant composes steps with the
 effective sampling rate ``w = q * p`` (Theorem 2).
 
-The user's dataset keeps its own (inspected) transforms; the loader's crop is applied after
-them, to the transformed sample, so declared image sizes are post-transform sizes.
+The user's dataset keeps its own transforms; the loader's crop is applied after them, to the
+transformed sample, so declared image sizes are post-transform sizes.  Every loader, however it
+is built, inspects the dataset's object graph and its ``collate_fn``
+(:mod:`patchdp_opacus.plugin.transforms`) before it yields anything.  Transforms that read the
+whole image belong in ``post_crop_transform``, which the loader applies to each crop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any
+import secrets
+from typing import Any, Callable, Iterable
 
 import torch
 from torch.utils.data import DataLoader
@@ -29,7 +34,7 @@ from patchdp_opacus.plugin.sampler import (
     DistributedFixedSizeBatchSampler,
     FixedSizeBatchSampler,
 )
-from patchdp_opacus.plugin.transforms import inspect_dataset
+from patchdp_opacus.plugin.transforms import inspect_collate, inspect_dataset
 from patchdp_opacus.privacy.geometry import CropGeometry
 from patchdp_opacus.privacy.spec import PatchPrivacySpec
 
@@ -74,28 +79,42 @@ class CropDPDataLoader(DataLoader):
             sizes) that both this loader and the accountant use.
         steps_per_epoch: default ``round(N / B)``.
         generator / seed: source of batch indices and crop origins (``seed`` makes a fresh
-            ``torch.Generator``); default: a generator seeded from torch's global RNG.
-        secure: draw indices and crop origins from the OS CSPRNG (:mod:`secrets`); this does
-            not cover Opacus' noise.
-        distributed: every rank draws the same global batch (``seed`` required, shared by all
-            ranks) and yields its ``B / world_size`` slice; needs ``torch.distributed``
-            initialised.
+            ``torch.Generator``).  Default: a generator seeded from the OS's entropy.  A known
+            seed makes the draws reproducible -- and known to whoever knows it, which voids the
+            amplification the accountant claims; it is recorded in :attr:`sampling_source`.
+        secure: draw indices and crop origins from the OS CSPRNG (:mod:`secrets`) at every
+            step.
+        distributed: every rank draws the same global batch and yields its ``B / world_size``
+            slice (``seed`` shared by all ranks; default: rank 0 draws one from the OS and
+            broadcasts it); needs ``torch.distributed`` initialised.
         ignore_index: padding value of masks (default 255).
+        post_crop_transform: optional function applied to each cropped sample (same structure
+            as the dataset's samples, e.g. ``(image, mask)``) in the worker, after the crop.  It
+            sees the crop only, so it may read the whole crop (contrast, per-crop
+            normalisation, rotations of the crop); it must not carry state across samples.
+        allow_unchecked_transforms: ``True`` or names of transforms / callables found in the
+            dataset or ``collate_fn`` that the inspection cannot vouch for; they are recorded in
+            ``spec.unchecked_transforms`` (privacy reports print them).
         **dataloader_kwargs: other ``DataLoader`` arguments; ``shuffle``, ``sampler``,
             ``batch_sampler`` and ``drop_last`` are refused.
 
     Attributes: ``spec``, ``crop`` (``CropGeometry``), ``private_region``, ``image_sizes``,
     ``batch_size`` (``B``), ``sample_rate`` (``q = B / N``), ``inclusion_probability``
     (``p``), ``effective_sample_rate`` (``q * p``), ``steps_per_epoch`` (= ``len(loader)``),
-    ``unchecked_transforms`` (= ``spec.unchecked_transforms``).  Poisson sampling is not
-    offered: Opacus' ``poisson_sampling=True`` would feed plain indices to the cropping dataset,
-    which refuses them.
+    ``unchecked_transforms`` (= ``spec.unchecked_transforms``), ``sampling_source``.  Poisson
+    sampling is not offered: Opacus' ``poisson_sampling=True`` would feed plain indices to the
+    cropping dataset, which refuses them.
+
+    Raises :class:`~patchdp_opacus.plugin.transforms.TransformNotAllowedError` when the dataset
+    or ``collate_fn`` holds something the analysis does not cover.
     """
 
     def __init__(self, dataset, *, batch_size: int, spec: PatchPrivacySpec,
                  steps_per_epoch: int | None = None, generator: torch.Generator | None = None,
                  seed: int | None = None, secure: bool = False, distributed: bool = False,
                  num_workers: int = 0, collate_fn=None, ignore_index=DEFAULT_IGNORE_INDEX,
+                 post_crop_transform: Callable | None = None,
+                 allow_unchecked_transforms: bool | Iterable[str] = False,
                  **dataloader_kwargs: Any):
         for key, why in _REFUSED.items():
             if key in dataloader_kwargs:
@@ -104,15 +123,24 @@ class CropDPDataLoader(DataLoader):
             raise TypeError("batch_size given twice")
         if not isinstance(spec, PatchPrivacySpec):
             raise TypeError(f"spec must be a PatchPrivacySpec, got {type(spec).__name__}")
+        if isinstance(dataset, CroppingDataset):
+            if post_crop_transform is not None and post_crop_transform is not \
+                    dataset.post_crop_transform:
+                raise ValueError("dataset is already a CroppingDataset with its own "
+                                 "post_crop_transform; pass the original dataset")
+            post_crop_transform, dataset = dataset.post_crop_transform, dataset.dataset
+        # one door: every loader inspects what runs before its crop and how batches are built
+        report = inspect_dataset(dataset, allow_unchecked=allow_unchecked_transforms)
+        report.merge(inspect_collate(collate_fn, allow_unchecked=allow_unchecked_transforms))
+        unchecked = tuple(dict.fromkeys((*spec.unchecked_transforms, *report.unchecked)))
+        if unchecked != spec.unchecked_transforms:
+            spec = dataclasses.replace(spec, unchecked_transforms=unchecked)
         num_samples = len(dataset)
         moduli = token_moduli(spec.crop, spec.image_sizes)
         if distributed:
             if secure:
                 raise ValueError("secure=True is not supported with distributed=True: all ranks "
                                  "must draw the same global batch from a shared seed")
-            if seed is None:
-                raise ValueError("distributed=True needs seed=<int>, the same on every rank, so "
-                                 "that all ranks draw the same global batch")
             if generator is not None:
                 raise ValueError("distributed=True draws from seed; do not pass a generator")
             import torch.distributed as dist
@@ -120,19 +148,26 @@ class CropDPDataLoader(DataLoader):
             if not (dist.is_available() and dist.is_initialized()):
                 raise RuntimeError("distributed=True needs an initialised torch.distributed "
                                    "process group")
+            self._seeded = seed is not None
+            if seed is None:  # secret, shared: rank 0 draws it and tells the others
+                shared = [secrets.randbits(63) if dist.get_rank() == 0 else None]
+                dist.broadcast_object_list(shared, src=0)
+                seed = shared[0]
             batch_sampler = DistributedFixedSizeBatchSampler(
                 num_samples, batch_size, dist.get_world_size(), dist.get_rank(), seed,
                 steps_per_epoch, origin_moduli=moduli)
         else:
+            self._seeded = seed is not None or generator is not None
             generator = _make_generator(generator, seed, secure)
             batch_sampler = FixedSizeBatchSampler(num_samples, batch_size, steps_per_epoch,
                                                   generator, secure, origin_moduli=moduli)
-        cropping = dataset if isinstance(dataset, CroppingDataset) and dataset.spec is spec \
-            else CroppingDataset(dataset, spec, ignore_index=ignore_index)
+        cropping = CroppingDataset(dataset, spec, ignore_index=ignore_index,
+                                   post_crop_transform=post_crop_transform)
         super().__init__(cropping, batch_sampler=batch_sampler, num_workers=num_workers,
                          collate_fn=collate_fn, generator=batch_sampler.generator,
                          **dataloader_kwargs)
         self.spec = spec
+        self.inspection = report
         self.distributed = bool(distributed)
         self.secure = bool(secure)
         # DataLoader sets batch_size=None when given a batch_sampler and forbids setting it
@@ -163,6 +198,20 @@ class CropDPDataLoader(DataLoader):
         return self.spec.unchecked_transforms
 
     @property
+    def post_crop_transform(self):
+        return self.dataset.post_crop_transform
+
+    @property
+    def sampling_source(self) -> str:
+        """Where batch indices and crop origins come from (for privacy reports)."""
+        if self.secure:
+            return "OS CSPRNG (secrets) at every step"
+        if self._seeded:
+            return ("seeded generator: reproducible, and the sub-sampling and crop amplification "
+                    "assume the seed stays secret")
+        return "generator seeded from OS entropy"
+
+    @property
     def steps_per_epoch(self) -> int:
         return len(self.batch_sampler)
 
@@ -185,19 +234,21 @@ class CropDPDataLoader(DataLoader):
     @classmethod
     def from_data_loader(cls, data_loader: DataLoader, *, crop, private_region,
                          image_sizes=None, padding=(0, 0), pad_if_needed: bool = False,
-                         group_size: int = 1, allow_unchecked_transforms: bool = False,
+                         group_size: int = 1,
+                         allow_unchecked_transforms: bool | Iterable[str] = False,
                          generator: torch.Generator | None = None, seed: int | None = None,
                          secure: bool = False, distributed: bool = False,
                          steps_per_epoch: int | None = None,
-                         ignore_index=DEFAULT_IGNORE_INDEX) -> "CropDPDataLoader":
+                         ignore_index=DEFAULT_IGNORE_INDEX,
+                         post_crop_transform: Callable | None = None) -> "CropDPDataLoader":
         """Wrap a user's ``DataLoader`` (no random crop in its pipeline).
 
         Keeps its dataset, batch size (as ``B``), ``collate_fn``, ``num_workers``,
         ``pin_memory``, ``worker_init_fn``, ``timeout``, ``multiprocessing_context``,
         ``prefetch_factor``, ``persistent_workers`` and (unless ``generator``/``seed``/
         ``secure`` is given) its ``generator``; its sampler/shuffle/drop_last are replaced.
-        Runs the transform inspection (:func:`~patchdp_opacus.plugin.transforms.inspect_dataset`)
-        and records transforms accepted by ``allow_unchecked_transforms`` in the spec.
+        The constructor runs the inspection and records what ``allow_unchecked_transforms``
+        accepted in the spec.
 
         ``crop``: int, ``(h, w)`` or :class:`CropGeometry` (then ``padding``/``pad_if_needed``
         must be left at their defaults).  ``image_sizes``: default ``dataset.image_sizes`` if
@@ -222,11 +273,9 @@ class CropDPDataLoader(DataLoader):
         if batch_size is None:
             raise ValueError("cannot tell the batch size of data_loader (batch_size=None and its "
                              "batch_sampler has no batch_size); build CropDPDataLoader directly")
-        report = inspect_dataset(dataset, allow_unchecked=allow_unchecked_transforms)
         if image_sizes is None:
             image_sizes = scan_image_sizes(dataset)
-        spec = PatchPrivacySpec(geometry, private_region, image_sizes, group_size=group_size,
-                                unchecked_transforms=tuple(report.unchecked))
+        spec = PatchPrivacySpec(geometry, private_region, image_sizes, group_size=group_size)
         kwargs = {k: getattr(data_loader, k) for k in _CARRIED if hasattr(data_loader, k)}
         if kwargs.get("num_workers", 0) > 0:
             kwargs["prefetch_factor"] = data_loader.prefetch_factor
@@ -236,7 +285,8 @@ class CropDPDataLoader(DataLoader):
             generator = data_loader.generator
         return cls(dataset, batch_size=batch_size, spec=spec, steps_per_epoch=steps_per_epoch,
                    generator=generator, seed=seed, secure=secure, distributed=distributed,
-                   ignore_index=ignore_index, **kwargs)
+                   ignore_index=ignore_index, post_crop_transform=post_crop_transform,
+                   allow_unchecked_transforms=allow_unchecked_transforms, **kwargs)
 
 
 def _sample_image(sample):

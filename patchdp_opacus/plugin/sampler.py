@@ -14,7 +14,7 @@ that axis, see :class:`~patchdp_opacus.privacy.geometry.AxisGeometry`).  Because
 are drawn here, in the main process, from the sampler's own generator:
 
 * origins never repeat across DataLoader workers or epochs (workers only execute tokens);
-* a run is reproducible from one seed, whatever ``num_workers`` is;
+* a run with a seeded generator is reproducible, whatever ``num_workers`` is;
 * they survive Opacus' ``BatchMemoryManager``, which rebuilds a plain ``DataLoader`` around the
   same ``dataset`` and ``batch_sampler`` (it turns each token into a list ``[index, u_y,
   u_x]``; the cropping dataset accepts both).
@@ -30,14 +30,23 @@ modulo ``n``.
 
 Randomness sources
 ------------------
-By default a ``torch.Generator`` (attribute :attr:`generator`, replaceable, e.g. by Opacus'
-``switch_generator``).  Exact uniform integers come from 62-bit words ``torch.randint(0,
-2**62)`` (torch reduces a 64-bit word modulo ``2**62``, which is exact) and rejection.
-``secure=True`` draws indices and crop origins from the operating system's CSPRNG (Python's
-:mod:`secrets`) instead.  It covers *only* those two (which records are in a batch and where
-they are cropped); it does not cover Opacus' gradient noise, which comes from
-``PrivacyEngine``'s noise generator (use a secure noise source there too), and a secure run
-is not reproducible.
+Amplification by sub-sampling and by cropping holds against an adversary who does *not* know
+which records were in a batch and where they were cropped: the draws must be secret.  By
+default they come from a ``torch.Generator`` seeded from the operating system's entropy
+(attribute :attr:`generator`, replaceable, e.g. by Opacus' ``switch_generator``); a generator
+seeded from a known number (``seed=`` of the loader) makes runs reproducible and is reported
+as such -- the claim then assumes that the seed stays secret.  Exact uniform integers come
+from 62-bit words ``torch.randint(0, 2**62)`` (torch reduces a 64-bit word modulo ``2**62``,
+which is exact) and rejection.  ``secure=True`` draws indices and crop origins from the
+operating system's CSPRNG (Python's :mod:`secrets`) for every step instead.
+
+Logical batches
+---------------
+Every yielded batch gets a consecutive :attr:`FixedSizeBatchSampler.last_batch_id`, and every
+new iteration over the sampler calls the functions in :attr:`on_iteration_start` first.  The
+engine uses both to check that one noisy optimizer step releases exactly one logical batch,
+also when ``BatchMemoryManager`` splits it into chunks and workers prefetch them
+(:mod:`patchdp_opacus.plugin.integrity`).
 """
 
 from __future__ import annotations
@@ -89,6 +98,13 @@ def uniform_below(bounds: Sequence[int], generator: torch.Generator | None) -> l
     return out.tolist()
 
 
+def os_seeded_generator(device=None) -> torch.Generator:
+    """A ``torch.Generator`` (on ``device``) seeded with 63 bits of the OS's entropy."""
+    generator = torch.Generator(device=device) if device is not None else torch.Generator()
+    generator.manual_seed(secrets.randbits(63))
+    return generator
+
+
 def _secure_below(bounds: Sequence[int]) -> list[int]:
     return [secrets.randbelow(int(n)) for n in bounds]
 
@@ -111,10 +127,10 @@ class FixedSizeBatchSampler(BatchSampler):
         batch_size: ``B`` (``1 <= B <= N``).
         steps_per_epoch: length of an "epoch"; default ``round(N / B)`` (halves up, >= 1).
             Only bookkeeping: steps are independent, there is no epoch partition.
-        generator: ``torch.Generator`` to draw from (default: a new one seeded from torch's
-            global RNG, so ``torch.manual_seed`` makes runs reproducible).
+        generator: ``torch.Generator`` to draw from (default: a new one seeded from the OS's
+            entropy, see the module docstring).
         secure: draw indices and crop origins from the OS CSPRNG (:mod:`secrets`) instead of
-            ``generator`` (not reproducible; does not cover Opacus' noise).
+            ``generator`` (not reproducible).
         origin_moduli: ``(M_y, M_x)``, ranges of ``u_y``, ``u_x``; default ``2**62`` each (see
             the module docstring for the bias bound).  The loader passes exact moduli.
 
@@ -147,10 +163,12 @@ class FixedSizeBatchSampler(BatchSampler):
         self.drop_last = False
         self.secure = bool(secure)
         self.origin_moduli = _check_moduli(origin_moduli)
+        self.seeded_by_user = generator is not None
         if generator is None and not self.secure:
-            generator = torch.Generator()
-            generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+            generator = os_seeded_generator()
         self.generator = generator
+        self.last_batch_id = -1
+        self.on_iteration_start: list = []
 
     @property
     def sampler(self):
@@ -183,8 +201,12 @@ class FixedSizeBatchSampler(BatchSampler):
         return tokens
 
     def __iter__(self) -> Iterator[list[CropToken]]:
+        for callback in list(self.on_iteration_start):
+            callback()
         for _ in range(self.steps_per_epoch):
-            yield self._local(self.draw_global_batch())
+            batch = self._local(self.draw_global_batch())
+            self.last_batch_id += 1
+            yield batch
 
 
 class DistributedFixedSizeBatchSampler(FixedSizeBatchSampler):

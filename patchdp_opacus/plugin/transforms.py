@@ -1,39 +1,55 @@
-"""Inspect a user's transform pipeline for what the patch-level analysis covers.
+"""Inspect everything a user's data pipeline runs before the loader's crop.
 
-The analysis assumes that the only randomness that moves pixels is the loader's crop (uniform
-origins over the constant-padded image) and that a crop which does not cover the private
-region does not depend on it.  The user's transforms run *before* that crop (inside
-``dataset[i]``), so they must preserve both:
+The analysis (Theorem 2) needs one property of the pipeline: *with the same random draws, two
+images that differ only inside the private region R give identical training samples whenever
+the loader's crop misses R*.  The user's dataset runs its transforms before that crop (inside
+``dataset[i]``), and the batch is assembled by the ``collate_fn`` after it, so both must keep
+the property:
 
-* allowed: flips; per-pixel photometric transforms (colour jitter, fixed-statistics
-  ``Normalize``, dtype/tensor conversions, brightness/contrast, pixel noise, grayscale, ...);
-  deterministic geometry of the *full* image: resize to a fixed size, center crop, constant
-  padding.  The loader checks every image size at crop time against the declared
-  ``image_sizes``, which must be the sizes *after* these transforms (e.g. the resized size),
-  and the private region is measured in those pixels.  Interpolating resizes spread a pixel
-  over the interpolation support (about 1 pixel for bilinear upsampling, the scale factor when
-  downsampling with antialiasing): enlarge the declared region by that much if it matters.
-* refused, with the reason: random crops of any kind (the loader crops), random-scale crops
-  and random resizes (the region's size in pixels changes), data-dependent crops,
-  non-constant padding (copies the region into the border), rotations / affine / perspective
-  / elastic warps, sample-mixing (MixUp, CutMix, Mosaic), and image-global statistics
-  (equalize, autocontrast, per-image normalisation: every pixel then depends on the region).
-* needs review (refused unless ``allow_unchecked_transforms=True``, then recorded in
-  ``PatchPrivacySpec.unchecked_transforms``): neighbourhood filters (blur, sharpen, JPEG: they
-  spread the region by the kernel radius), arbitrary ``Lambda`` functions, 90-degree
-  rotations / transposes, and every transform not in the tables.
+* allowed before the crop: flips; per-pixel transforms whose random parameters are drawn
+  without looking at the image (colour jitter *without* contrast, fixed-statistics
+  ``Normalize``, dtype/tensor conversions, gamma, posterize, pixel noise, grayscale by a
+  per-pixel formula, data-independent occlusion); deterministic full-image geometry that does
+  not interpolate (nearest resize, center crop, constant padding).  The loader checks every
+  image size at crop time against the declared ``image_sizes``, which are the sizes *after*
+  these transforms, and the private region is measured in those pixels.
+* refused, with the reason: random crops of any kind (the loader crops), random-scale crops and
+  random resizes, data-dependent crops, non-constant padding (copies R into the border),
+  rotations / affine / perspective / elastic warps, sample mixing (MixUp, CutMix, Mosaic),
+  image-global statistics (equalize, autocontrast, contrast around the image mean, brightness
+  by the image mean, per-image normalisation, PCA grayscale, ISO noise scaled by the image's
+  spread: every output pixel then depends on R), and interpolating resizes (bilinear/bicubic
+  spread R over the kernel support, so crops next to R depend on it).
+* needs review (refused unless ``allow_unchecked_transforms`` names it or is ``True``, then
+  recorded in ``PatchPrivacySpec.unchecked_transforms``): neighbourhood filters (blur, sharpen,
+  JPEG), arbitrary functions, 90-degree rotations, pixel noise whose random stream depends on
+  the pixel values, and every callable not in the tables.
 
-Rules are data (:data:`RULES`, :data:`ATTRIBUTE_RULES`), matched by class name within a library
-(the class's ``__module__`` prefix); subclasses defined elsewhere count as unknown.  Only
-transforms reachable from a dataset's ``transform`` / ``transforms`` / ``target_transform``
-attributes are seen: random crops hard-coded in ``__getitem__`` cannot be detected.
+Whatever reads the whole image may run *after* the crop instead: ``post_crop_transform=`` of
+the loader is applied to each crop, and a function of the crop cannot reach pixels outside it.
+Refusals point there.
+
+How the pipeline is found: :func:`inspect_dataset` walks the dataset object graph -- every
+instance attribute of the dataset, of wrapped datasets (``Subset``, ``ConcatDataset``, any
+object with a ``dataset``/``datasets`` attribute, any torch ``Dataset`` or user-defined object
+found in an attribute), through lists, tuples, sets and dicts -- and classifies every callable
+it meets.  Plain data (numbers, strings, paths, arrays, tensors, images, RNG objects) passes.
+Rules are data (:data:`RULES`, :data:`ATTRIBUTE_RULES`, :data:`SAFE_CALLABLES`), matched by
+class name within a library (the class's ``__module__`` prefix); subclasses defined elsewhere
+count as unknown.  What no inspection can see is code inside ``__getitem__`` itself: the
+neighbour-pair audit (:mod:`patchdp_opacus.audit`) runs the real pipeline and catches it.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
 import logging
+import os
+import random
+import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 logger = logging.getLogger(__name__)
 
@@ -47,43 +63,61 @@ class Rule:
 
 
 # --- reasons ---------------------------------------------------------------------------------
+POST_CROP = ("; if you need it, apply it after the crop with post_crop_transform=... (the loader "
+             "applies it to each crop, and a function of the crop cannot depend on pixels outside "
+             "it)")
 RANDOM_CROP = ("a random crop in the user's pipeline: the loader applies the only crop the "
                "privacy analysis covers; remove it and give the crop to the loader (crop=...)")
 SCALE_CROP = ("crops at a random scale and resizes: the private region's size in pixels changes "
               "with the scale, so p computed for the declared region does not hold; remove it "
-              "(the loader crops), or use a deterministic Resize before the loader's crop")
+              "(the loader crops), or use a nearest-neighbour Resize before the loader's crop")
 DATA_CROP = ("data-dependent crop (placed by the mask or boxes): crop origins are not uniform and "
              "may seek out the private region; remove it")
 MULTI_CROP = ("returns several crops per sample; the analysis covers one uniform crop per sample "
               "made by the loader; remove it")
 RANDOM_SCALE = ("random rescaling: the private region's size in pixels changes with the scale; "
-                "use a deterministic Resize to a fixed size and declare that size")
+                "use a deterministic nearest-neighbour Resize to a fixed size and declare that "
+                "size")
 WARP = ("rotation/affine/perspective/elastic warp before the crop moves and reshapes the private "
         "region (its footprint grows and borders may be filled from the image), which the "
-        "analysis does not cover; remove it, or apply it to the cropped batch in the training "
-        "step")
+        "analysis does not cover; remove it" + POST_CROP)
 MIXING = ("combines several images into one sample: one image's private region can reach "
           "another sample, breaking per-sample sensitivity; remove it")
 PADDING = ("non-constant padding (reflect/replicate/wrap) copies pixels of the private region "
            "into the border, so a crop can contain them without covering the region; use "
            "constant padding (padding_mode='constant' / border_mode=cv2.BORDER_CONSTANT) or the "
            "loader's padding=...")
-GLOBAL_STATS = ("uses statistics of the whole image (histogram, min/max, per-image mean/std, "
-                "PCA), so every output pixel depends on the private region, even in crops that "
-                "do not cover it; remove it or use fixed statistics")
+GLOBAL_STATS = ("uses statistics of the whole image (histogram, min/max, mean, std, PCA), so "
+                "every output pixel depends on the private region, even in crops that do not "
+                "cover it; remove it or use fixed statistics" + POST_CROP)
 AUTO_AUGMENT = ("automatic augmentation policy that includes rotations, shears and translations, "
                 "which move and reshape the private region; remove it or compose the allowed "
-                "photometric transforms explicitly")
+                "photometric transforms explicitly" + POST_CROP)
+INTERPOLATING_RESIZE = ("interpolating resize before the crop spreads every pixel of the private "
+                        "region over the interpolation kernel (bilinear: 1 source pixel, bicubic: "
+                        "2, antialiased downscaling: the kernel widened by 1/scale), so crops "
+                        "next to the region depend on it and p for the declared region does not "
+                        "hold; use interpolation=NEAREST (cv2.INTER_NEAREST) and declare the "
+                        "region in resized pixels, or resize the images offline")
 NEIGHBOURHOOD = ("mixes neighbouring pixels (kernel/block filter), so the private region leaks "
                  "into pixels up to the kernel radius away; enlarge private_region by the kernel "
-                 "size on each side before accepting it")
+                 "size on each side before accepting it" + POST_CROP)
+VALUE_DEPENDENT_STREAM = ("per-pixel noise whose random draws depend on the pixel values (a "
+                          "Poisson draw consumes a value-dependent number of random numbers), so "
+                          "with the same seed the noise of pixels after the private region "
+                          "differs between neighbours" + POST_CROP)
 LAMBDA = "arbitrary function: its effect on pixels cannot be inspected"
 ROT90 = ("90-degree rotation / transpose: swaps height and width of the image and the region; "
          "covered only if the declared image sizes include the transposed sizes and the region "
          "is symmetric under it")
 INPAINT = NEIGHBOURHOOD + " (inpainting fill)"
 UNKNOWN = ("not in the tables of transforms known to be safe before a uniform random crop "
-           "(flips, per-pixel photometric transforms, deterministic resizes)")
+           "(flips, per-pixel photometric transforms with image-independent parameters, "
+           "nearest-neighbour resizes)")
+UNKNOWN_COLLATE = ("a custom collate_fn assembles the batch from the cropped samples and may mix "
+                   "them (MixUp/CutMix-like), which breaks per-sample sensitivity; use the "
+                   "default collate, or name it in allow_unchecked_transforms after checking it "
+                   "keeps each sample a function of its own crop")
 
 
 def _rules(verdict: str, reason: str, names: str) -> dict[str, Rule]:
@@ -95,7 +129,9 @@ def _allowed(names: str, note: str = "") -> dict[str, Rule]:
 
 
 #: Library -> class name -> rule.  A class belongs to a library when its ``__module__`` starts
-#: with one of the library's module prefixes (:data:`LIBRARY_MODULES`).
+#: with one of the library's module prefixes (:data:`LIBRARY_MODULES`).  Allowed entries may
+#: still be refused by an attribute rule (:data:`ATTRIBUTE_RULES`), e.g. ``ColorJitter`` with a
+#: contrast range or ``Resize`` with bilinear interpolation.
 RULES: dict[str, dict[str, Rule]] = {
     "torchvision": {
         **_rules(CONTAINER, "", "Compose RandomApply RandomChoice RandomOrder"),
@@ -104,7 +140,7 @@ RULES: dict[str, dict[str, Rule]] = {
         **_allowed("Normalize ColorJitter Grayscale RandomGrayscale RandomInvert "
                    "RandomPosterize RandomSolarize RandomChannelPermutation "
                    "RandomPhotometricDistort GaussianNoise RandomErasing",
-                   "per-pixel photometric"),
+                   "per-pixel photometric with image-independent parameters"),
         **_allowed("RandomHorizontalFlip RandomVerticalFlip", "flip"),
         **_allowed("Resize CenterCrop Pad", "deterministic geometry: declare the output size"),
         **_rules(DENY, RANDOM_CROP, "RandomCrop"),
@@ -126,9 +162,10 @@ RULES: dict[str, dict[str, Rule]] = {
         **_allowed("Normalize RandomBrightnessContrast ColorJitter HueSaturationValue RGBShift "
                    "ChannelShuffle ChannelDropout ToGray ToRGB ToSepia InvertImg Solarize "
                    "Posterize RandomGamma RandomToneCurve PlanckianJitter GaussNoise "
-                   "MultiplicativeNoise ShotNoise SaltAndPepper AdditiveNoise ISONoise "
-                   "PixelDropout CoarseDropout Erasing GridDropout XYMasking",
-                   "per-pixel photometric / data-independent occlusion"),
+                   "MultiplicativeNoise SaltAndPepper AdditiveNoise PixelDropout CoarseDropout "
+                   "Erasing GridDropout XYMasking",
+                   "per-pixel photometric with image-independent parameters / "
+                   "data-independent occlusion"),
         **_allowed("HorizontalFlip VerticalFlip", "flip"),
         **_allowed("Resize LongestMaxSize SmallestMaxSize PadIfNeeded Pad CenterCrop Crop",
                    "deterministic geometry: declare the output size"),
@@ -144,7 +181,8 @@ RULES: dict[str, dict[str, Rule]] = {
                              "ChromaticAberration"),
         **_rules(DENY, MIXING, "Mosaic OverlayElements FDA HistogramMatching "
                                "PixelDistributionAdaptation"),
-        **_rules(DENY, GLOBAL_STATS, "Equalize AutoContrast CLAHE FancyPCA"),
+        **_rules(DENY, GLOBAL_STATS, "Equalize AutoContrast CLAHE FancyPCA ISONoise"),
+        **_rules(REVIEW, VALUE_DEPENDENT_STREAM, "ShotNoise"),
         **_rules(REVIEW, NEIGHBOURHOOD, "Blur GaussianBlur MedianBlur MotionBlur GlassBlur "
                                         "AdvancedBlur Defocus ZoomBlur Sharpen Emboss "
                                         "UnsharpMask RingingOvershoot Downscale "
@@ -153,14 +191,34 @@ RULES: dict[str, dict[str, Rule]] = {
         **_rules(REVIEW, LAMBDA, "Lambda"),
     },
     "torch": _rules(CONTAINER, "", "Sequential"),
+    "patchdp_opacus": {
+        **_rules(CONTAINER, "", "Compose"),
+        **_allowed("ColourLookup", "per-pixel label-colour lookup"),
+    },
 }
 
 LIBRARY_MODULES: dict[str, tuple[str, ...]] = {
     "torchvision": ("torchvision.transforms",),
     "albumentations": ("albumentations",),
     "torch": ("torch.nn.modules.container",),
+    "patchdp_opacus": ("patchdp_opacus.segmentation", "patchdp_opacus.classification"),
 }
 
+#: Qualified names of callables that load or assemble data without touching pixel geometry.
+SAFE_CALLABLES: dict[str, str] = {
+    "torchvision.datasets.folder.default_loader": "decodes an image file",
+    "torchvision.datasets.folder.pil_loader": "decodes an image file",
+    "torchvision.datasets.folder.accimage_loader": "decodes an image file",
+    "torchvision.io.image.decode_image": "decodes an image file",
+    "torchvision.io.image.read_image": "decodes an image file",
+    "PIL.Image.open": "opens an image file",
+    "numpy.load": "reads an array file",
+    "torch.utils.data._utils.collate.default_collate": "stacks samples, one row each",
+    "torch.utils.data._utils.collate.default_convert": "converts samples, one row each",
+}
+
+_NEAREST = ("nearest", "nearest-exact")
+_CV2_NEAREST = (0, 6)  # cv2.INTER_NEAREST, cv2.INTER_NEAREST_EXACT
 _BORDER_CONSTANT = 0  # cv2.BORDER_CONSTANT
 
 
@@ -192,12 +250,60 @@ def _inpainting_fill(t) -> Rule | None:
     return None
 
 
+def _contrast_around_mean(t) -> Rule | None:
+    """torchvision ColorJitter / RandomPhotometricDistort and albumentations ColorJitter blend
+    each pixel with the mean gray level of the whole image."""
+    if type(t).__name__ not in ("ColorJitter", "RandomPhotometricDistort"):
+        return None
+    contrast = getattr(t, "contrast", None)
+    if contrast is not None and tuple(float(c) for c in contrast) != (1.0, 1.0):
+        return Rule(DENY, GLOBAL_STATS + f" (contrast={tuple(contrast)!r} blends every pixel "
+                                         f"with the image's mean gray level; set contrast=0)")
+    return None
+
+
+def _brightness_by_image_mean(t) -> Rule | None:
+    if type(t).__name__ == "RandomBrightnessContrast" and not getattr(t, "brightness_by_max",
+                                                                      True):
+        return Rule(DENY, GLOBAL_STATS + " (brightness_by_max=False shifts brightness by the "
+                                         "image's mean; use brightness_by_max=True)")
+    return None
+
+
+def _pca_gray(t) -> Rule | None:
+    if type(t).__name__ == "ToGray" and getattr(t, "method", None) == "pca":
+        return Rule(DENY, GLOBAL_STATS + " (method='pca' projects on the image's principal "
+                                         "component; use method='weighted_average')")
+    return None
+
+
+def _interpolating_resize_tv(t) -> Rule | None:
+    if type(t).__name__ != "Resize":
+        return None
+    mode = getattr(t, "interpolation", None)
+    if str(getattr(mode, "value", mode)).lower() not in _NEAREST:
+        return Rule(DENY, INTERPOLATING_RESIZE + f" (interpolation={mode!r})")
+    return None
+
+
+def _interpolating_resize_alb(t) -> Rule | None:
+    if type(t).__name__ not in ("Resize", "LongestMaxSize", "SmallestMaxSize"):
+        return None
+    mode = getattr(t, "interpolation", None)
+    if mode not in _CV2_NEAREST:
+        return Rule(DENY, INTERPOLATING_RESIZE + f" (interpolation={mode!r})")
+    return None
+
+
 #: Library -> checks run on every instance not denied by name (e.g. an allowed ``Pad`` with
 #: reflect padding); the first rule returned wins over the name table.
 ATTRIBUTE_RULES = {
-    "torchvision": (_bad_padding_mode,),
-    "albumentations": (_bad_border_mode, _image_statistics_normalize, _inpainting_fill),
+    "torchvision": (_bad_padding_mode, _contrast_around_mean, _interpolating_resize_tv),
+    "albumentations": (_bad_border_mode, _image_statistics_normalize, _inpainting_fill,
+                       _contrast_around_mean, _brightness_by_image_mean, _pca_gray,
+                       _interpolating_resize_alb),
     "torch": (),
+    "patchdp_opacus": (),
 }
 
 
@@ -212,19 +318,22 @@ class TransformNotAllowedError(ValueError):
 
 @dataclass
 class InspectionReport:
-    """``checked``: transforms found safe; ``unchecked``: transforms accepted only through
-    ``allow_unchecked_transforms=True`` (to be recorded in ``spec.unchecked_transforms``)."""
+    """``checked``: transforms and callables found safe; ``unchecked``: those accepted only
+    through ``allow_unchecked_transforms`` (to be recorded in ``spec.unchecked_transforms``)."""
 
     checked: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
 
     def merge(self, other: "InspectionReport") -> None:
         for name in other.checked:
-            if name not in self.checked:
-                self.checked.append(name)
+            self._add(self.checked, name)
         for name in other.unchecked:
-            if name not in self.unchecked:
-                self.unchecked.append(name)
+            self._add(self.unchecked, name)
+
+    @staticmethod
+    def _add(names: list, name: str) -> None:
+        if name not in names:
+            names.append(name)
 
 
 def qualified_name(obj) -> str:
@@ -258,104 +367,192 @@ def rule_for(obj) -> Rule | None:
     return rule
 
 
+class _Override:
+    """``allow_unchecked_transforms``: ``True`` (accept every unknown / review item), ``False``,
+    or names (qualified or bare class/function names) of the items to accept."""
+
+    def __init__(self, allow):
+        if isinstance(allow, (bool, type(None))):
+            self.all, self.names = bool(allow), frozenset()
+        elif isinstance(allow, str):
+            self.all, self.names = False, frozenset([allow])
+        else:
+            self.all, self.names = False, frozenset(str(a) for a in allow)
+
+    def accepts(self, name: str) -> bool:
+        return self.all or name in self.names or name.rsplit(".", 1)[-1] in self.names
+
+
+def _refuse_or_record(name, where, verdict, reason, override: _Override, report) -> None:
+    if not override.accepts(name):
+        raise TransformNotAllowedError(
+            f"{where}: {name} cannot be verified for patch-level DP: {reason}. If you have "
+            f"checked that it keeps crops that miss the private region independent of it, pass "
+            f"allow_unchecked_transforms=[{name.rsplit('.', 1)[-1]!r}] (or True); it will be "
+            f"recorded in the privacy report (spec.unchecked_transforms)",
+            name=name, where=where, verdict=verdict, reason=reason)
+    logger.warning("%s: accepting unchecked %s (%s); recorded in spec.unchecked_transforms",
+                   where, name, reason)
+    report._add(report.unchecked, name)
+
+
+# --- the object-graph walk -------------------------------------------------------------------
+_DATA_TYPES: tuple = (type(None), bool, int, float, complex, str, bytes, bytearray, range,
+                      os.PathLike, enum.Enum, type, random.Random)
+_DATA_MODULES = ("numpy", "PIL", "pandas", "h5py", "pyarrow", "zarr", "lmdb")
+
+
+def _is_plain_data(obj) -> bool:
+    if isinstance(obj, _DATA_TYPES):
+        return True
+    module = (getattr(type(obj), "__module__", "") or "").split(".")[0]
+    if module in _DATA_MODULES and not callable(obj):
+        return True  # arrays, images, data frames, numpy Generators
+    if module == "torch" and not callable(obj):
+        return True  # tensors, torch.Generator, devices, dtypes
+    return False
+
+
+#: Standard-library infrastructure objects (loggers, locks, files) are not walked into.
+_INFRASTRUCTURE = frozenset("logging threading multiprocessing io socket sqlite3 zipfile tarfile "
+                            "queue concurrent asyncio subprocess tempfile weakref ssl".split())
+
+
+def _module_root(obj) -> str:
+    return (getattr(type(obj), "__module__", "") or "").split(".")[0].lstrip("_")
+
+
+def _is_stdlib(obj) -> bool:
+    module = _module_root(obj)
+    return module in sys.stdlib_module_names or module == "builtins"
+
+
 def _children(obj) -> list:
     if type(obj).__name__ == "Sequential" and library_of(obj) == "torch":
         return list(obj.children())
     return list(getattr(obj, "transforms", None) or [])
 
 
-def inspect_pipeline(transform: Any, *, allow_unchecked: bool = False,
+class _Walker:
+    def __init__(self, override: _Override, report: InspectionReport):
+        self.override = override
+        self.report = report
+        self.seen: set[int] = set()
+
+    def visit(self, obj, where: str) -> None:
+        if _is_plain_data(obj) or id(obj) in self.seen:
+            return
+        self.seen.add(id(obj))
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                self.visit(value, f"{where}[{key!r}]")
+            return
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            for i, value in enumerate(obj):
+                self.visit(value, f"{where}[{i}]")
+            return
+        if type(obj).__name__ == "StandardTransform" \
+                and type(obj).__module__.startswith("torchvision.datasets"):
+            # VisionDataset.transforms pairs transform and target_transform
+            self.visit(obj.transform, f"{where}.transform")
+            self.visit(obj.target_transform, f"{where}.target_transform")
+            return
+        name = qualified_name(obj)
+        rule = rule_for(obj)
+        if rule is not None:
+            self._apply(obj, name, rule, where)
+            return
+        if name in SAFE_CALLABLES:
+            self.report._add(self.report.checked, name)
+            return
+        if isinstance(obj, functools.partial):
+            self.visit(obj.func, f"{where}.func")
+            self.visit(list(obj.args) + list(obj.keywords.values()), f"{where}.args")
+            return
+        if _is_dataset(obj):
+            self.visit_attributes(obj, where)
+            return
+        if callable(obj):
+            # look inside first: a refused transform held by an unknown callable gives the more
+            # useful message; then the callable itself needs the override
+            self.visit_attributes(obj, where)
+            _refuse_or_record(name, where, "unknown", UNKNOWN, self.override, self.report)
+            return
+        if _module_root(obj) not in _INFRASTRUCTURE:
+            self.visit_attributes(obj, where)  # holder objects (namespaces, user classes)
+
+    def visit_attributes(self, obj, where: str) -> None:
+        attributes = getattr(obj, "__dict__", None)
+        if not isinstance(attributes, dict):
+            return
+        for key, value in attributes.items():
+            self.visit(value, f"{where}.{key}")
+
+    def _apply(self, obj, name: str, rule: Rule, where: str) -> None:
+        if rule.verdict == CONTAINER:
+            for i, child in enumerate(_children(obj)):
+                self.visit(child, f"{where}.transforms[{i}]")
+            return
+        if rule.verdict == ALLOW:
+            self.report._add(self.report.checked, name)
+            if type(obj).__name__ in ("Pad", "PadIfNeeded", "CenterCrop", "Crop") \
+                    and getattr(obj, "fill_mask", None) == 0:
+                logger.warning("%s (%s) pads masks with 0, a real class in most label sets; set "
+                               "fill_mask to the ignore index (255)", where, name)
+            return
+        if rule.verdict == DENY:
+            raise TransformNotAllowedError(
+                f"{where}: {name} is not allowed before the patch-level DP crop: {rule.reason}",
+                name=name, where=where, verdict=DENY, reason=rule.reason)
+        _refuse_or_record(name, where, REVIEW, rule.reason, self.override, self.report)
+
+
+def _is_dataset(obj) -> bool:
+    try:
+        from torch.utils.data import Dataset
+    except ImportError:  # pragma: no cover
+        Dataset = ()
+    return isinstance(obj, Dataset) or (hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
+                                        and hasattr(obj, "__dict__") and not _is_stdlib(obj))
+
+
+def inspect_pipeline(transform: Any, *, allow_unchecked: bool | Iterable[str] = False,
                      where: str = "transform") -> InspectionReport:
     """Walk ``transform`` (nested containers included) and apply the rule tables.
 
     Raises :class:`TransformNotAllowedError` for a refused transform, and for an unknown /
-    needs-review one unless ``allow_unchecked``; with it, their qualified names are returned
-    in ``report.unchecked``."""
+    needs-review one unless ``allow_unchecked`` accepts it (``True`` or its name); accepted
+    ones are returned in ``report.unchecked``."""
     report = InspectionReport()
-    _walk(transform, where, allow_unchecked, report, set())
+    _Walker(_Override(allow_unchecked), report).visit(transform, where)
     return report
 
 
-def _walk(obj, where: str, allow_unchecked: bool, report: InspectionReport, seen: set) -> None:
-    if obj is None or id(obj) in seen:
-        return
-    seen.add(id(obj))
-    name = qualified_name(obj)
-    if type(obj).__name__ == "StandardTransform" \
-            and type(obj).__module__.startswith("torchvision.datasets"):
-        # VisionDataset.transforms pairs transform and target_transform
-        for child, attr in ((obj.transform, "transform"), (obj.target_transform,
-                                                           "target_transform")):
-            _walk(child, f"{where}.{attr}", allow_unchecked, report, seen)
-        return
-    if isinstance(obj, (list, tuple)):
-        for i, child in enumerate(obj):
-            _walk(child, f"{where}[{i}]", allow_unchecked, report, seen)
-        return
-    rule = rule_for(obj)
-    if rule is not None and rule.verdict == CONTAINER:
-        for i, child in enumerate(_children(obj)):
-            _walk(child, f"{where}.transforms[{i}]", allow_unchecked, report, seen)
-        return
-    if rule is not None and rule.verdict == ALLOW:
-        if name not in report.checked:
-            report.checked.append(name)
-        if type(obj).__name__ in ("Pad", "PadIfNeeded", "CenterCrop", "Crop") \
-                and getattr(obj, "fill_mask", None) == 0:
-            logger.warning("%s (%s) pads masks with 0, a real class in most label sets; set "
-                           "fill_mask to the ignore index (255)", where, name)
-        return
+def inspect_dataset(dataset: Any, *, allow_unchecked: bool | Iterable[str] = False
+                    ) -> InspectionReport:
+    """Inspect every attribute of ``dataset`` and of the datasets and objects it holds (see the
+    module docstring); same errors and override as :func:`inspect_pipeline`."""
+    report = InspectionReport()
+    _Walker(_Override(allow_unchecked), report).visit_attributes(dataset, "dataset")
+    return report
+
+
+def inspect_collate(collate_fn, *, allow_unchecked: bool | Iterable[str] = False
+                    ) -> InspectionReport:
+    """``None`` and torch's ``default_collate`` pass; sample-mixing transforms (MixUp,
+    CutMix) are refused; any other ``collate_fn`` needs the override."""
+    report = InspectionReport()
+    if collate_fn is None:
+        return report
+    override = _Override(allow_unchecked)
+    name = qualified_name(collate_fn)
+    if name in SAFE_CALLABLES:
+        report._add(report.checked, name)
+        return report
+    rule = rule_for(collate_fn)
     if rule is not None and rule.verdict == DENY:
-        raise TransformNotAllowedError(
-            f"{where}: {name} is not allowed before the patch-level DP crop: {rule.reason}",
-            name=name, where=where, verdict=DENY, reason=rule.reason)
-    verdict, reason = (REVIEW, rule.reason) if rule is not None else ("unknown", UNKNOWN)
-    if not allow_unchecked:
-        raise TransformNotAllowedError(
-            f"{where}: {name} cannot be verified for patch-level DP: {reason}. If you have "
-            f"checked that it keeps crops that miss the private region independent of it, pass "
-            f"allow_unchecked_transforms=True; it will be recorded in the privacy report "
-            f"(spec.unchecked_transforms)",
-            name=name, where=where, verdict=verdict, reason=reason)
-    logger.warning("%s: accepting unchecked transform %s (%s); recorded in "
-                   "spec.unchecked_transforms", where, name, reason)
-    if name not in report.unchecked:
-        report.unchecked.append(name)
-
-
-_DATASET_ATTRIBUTES = ("transform", "transforms", "target_transform")
-
-
-def inspect_dataset(dataset: Any, *, allow_unchecked: bool = False) -> InspectionReport:
-    """Inspect a dataset's ``transform``, ``transforms`` and ``target_transform`` attributes
-    (``Subset`` -> its ``dataset``, ``ConcatDataset`` -> each of its ``datasets``)."""
-    report = InspectionReport()
-    _inspect_dataset(dataset, "dataset", allow_unchecked, report, set())
-    return report
-
-
-def _inspect_dataset(dataset, where, allow_unchecked, report, seen) -> None:
-    if id(dataset) in seen:
-        return
-    seen.add(id(dataset))
-    kind = type(dataset).__name__
-    module = type(dataset).__module__
-    if module.startswith("torch.utils.data") and kind == "Subset":
-        _inspect_dataset(dataset.dataset, f"{where}.dataset", allow_unchecked, report, seen)
-        return
-    if module.startswith("torch.utils.data") and kind == "ConcatDataset":
-        for i, d in enumerate(dataset.datasets):
-            _inspect_dataset(d, f"{where}.datasets[{i}]", allow_unchecked, report, seen)
-        return
-    walked: set = set()
-    for attr in _DATASET_ATTRIBUTES:
-        value = getattr(dataset, attr, None)
-        if value is None or not (callable(value) or isinstance(value, (list, tuple))):
-            continue
-        report.merge(_walk_into(value, f"{where}.{attr}", allow_unchecked, walked))
-
-
-def _walk_into(value, where, allow_unchecked, walked: set) -> InspectionReport:
-    report = InspectionReport()
-    _walk(value, where, allow_unchecked, report, walked)
+        raise TransformNotAllowedError(f"collate_fn: {name} is not allowed: {rule.reason}",
+                                       name=name, where="collate_fn", verdict=DENY,
+                                       reason=rule.reason)
+    _refuse_or_record(name, "collate_fn", "unknown", UNKNOWN_COLLATE, override, report)
     return report

@@ -1,0 +1,376 @@
+"""What the Theorem-2 accountant assumes about each noisy step, checked while training runs.
+
+The accountant composes one Gaussian step per *logical* batch: ``B`` records drawn uniformly
+without replacement, each contributing one clipped per-sample gradient of norm ``<= C``, noise
+std ``z * C`` added once.  Three ways a training loop can release something else without any
+error from Opacus, and what this module does about each:
+
+1. **Several draws in one noisy step.** Opacus' ``optimizer.signal_skip_step(do_skip=True)``
+   (manual accumulation), a ``BatchMemoryManager`` loop left mid logical batch whose leftover
+   chunks then join the next batch, or stale skip flags from prefetching workers after such a
+   break: the noisy step then sums samples of two independent draws (an image can enter twice,
+   ``q`` is wrong).  :class:`LogicalBatchGuard` counts per-sample rows: a noisy step happens
+   exactly when the rows stepped since the last one reach the local logical batch size, never
+   more; a chunk whose skip flag disagrees raises.  Every chunk is tagged with the logical batch
+   the sampler drew it from (``BatchMemoryManager`` signals the optimizer once per chunk while
+   the sampler yields, see :mod:`patchdp_opacus.plugin.sampler`), and a logical batch left
+   unfinished when a new pass over the loader starts is **discarded with a warning** (its
+   clipped sum is dropped, nothing is released; the accountant is not charged).  A chunk that
+   is taken from the loader but never stepped (``continue`` in the loop) would shift every
+   later chunk into the wrong logical batch: the guard counts chunks signalled against steps
+   taken, which with ``num_workers`` workers must differ by exactly the prefetch depth
+   (``prefetch_factor * num_workers``, 0 without workers) while the pass still samples, and
+   raises otherwise.  Limitation: in the last ``prefetch_factor * num_workers`` chunks of a pass
+   (already sampled, so nothing is signalled any more) a chunk skipped this way cannot be
+   detected with workers; without workers it always is.
+2. **Rows that are not samples.** A model that folds each image into several rows of dimension
+   0 (tiles) gets one clipped gradient per row: the sensitivity of one image is then the sum of
+   several clip norms.  :class:`ModuleIntegrity` records the batch size the model was called
+   with and the guard requires as many per-sample gradient rows (hooks, ghost and bk alike).
+3. **Layers that mix samples without trainable parameters.** BatchNorm in training mode (also
+   with frozen or no affine parameters) normalises with batch statistics, so one image changes
+   every other sample's gradient (sensitivity above ``2C``) and the running statistics, which
+   are released without noise; any forward pass that updates a buffer releases a batch
+   statistic.  :class:`ModuleIntegrity` refuses both at every training forward.
+
+Noise (:class:`NoiseSource`): by default drawn from a ``torch.Generator`` seeded with OS entropy
+(never from ``torch.manual_seed``), so that a released model with its config cannot be
+de-noised; ``secure`` reseeds it from the OS at every step and uses Opacus' floating-point
+attack mitigation (sum of four Gaussians); a user-supplied generator is used as given and
+reported as reproducible.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from patchdp_opacus.plugin.accountant import GradientAccumulationError
+from patchdp_opacus.plugin.compat import FrozenBatchNorm
+
+__all__ = ["GradientAccumulationError", "LogicalBatchError", "LogicalBatchGuard",
+           "ModuleIntegrity", "NoiseSource", "NoiseSourceMixin", "PerSampleIntegrityError",
+           "SampleMixingError", "mixing_modules", "rows_from_grad_samples", "with_mixins"]
+
+logger = logging.getLogger(__name__)
+
+
+class LogicalBatchError(RuntimeError):
+    """A noisy step would not release exactly one logical batch."""
+
+
+class PerSampleIntegrityError(RuntimeError):
+    """Per-sample gradient rows are not the samples the model was called with."""
+
+
+class SampleMixingError(RuntimeError):
+    """A layer makes one sample's output depend on the other samples of its batch."""
+
+
+_FROZEN_BN = "use patchdp_opacus.plugin.compat.make_private_compatible(model, norm='frozen' or " \
+             "'group'), or keep the layer in eval mode (module.eval() after model.train())"
+
+#: (condition, why) for modules that mix samples when in training mode.
+MIXING_RULES: tuple = (
+    (lambda m: isinstance(m, _BatchNorm) and not isinstance(m, FrozenBatchNorm),
+     "BatchNorm in training mode normalises with the statistics of the whole batch (other "
+     "samples' gradients depend on each image) and updates running statistics that are "
+     "released without noise"),
+    (lambda m: isinstance(m, _InstanceNorm) and m.track_running_stats,
+     "InstanceNorm with track_running_stats=True updates running statistics from the batch, "
+     "released without noise"),
+)
+
+
+def mixing_modules(module: nn.Module) -> list[tuple[str, str]]:
+    """``(name, why)`` of the sub-modules that mix samples in their current (training) mode."""
+    out = []
+    for name, m in module.named_modules():
+        if not m.training:
+            continue
+        for condition, why in MIXING_RULES:
+            if condition(m):
+                out.append((name or type(m).__name__, why))
+                break
+    return out
+
+
+def _batch_rows(args, kwargs) -> Optional[int]:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return int(value.shape[0])
+    return None
+
+
+class ModuleIntegrity:
+    """Forward hooks on the trained model: refuse sample-mixing layers and buffer updates in
+    training-mode forward passes, and record the batch sizes the model was called with (the
+    guard compares them with the per-sample gradient rows at the next step)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.input_rows: list[int] = []
+        self._versions: Optional[list] = None
+        self._handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         module.register_forward_hook(self._post, with_kwargs=True)]
+
+    def _active(self) -> bool:
+        return self.module.training and torch.is_grad_enabled()
+
+    def _pre(self, module, args, kwargs):
+        if not self._active():
+            self._versions = None
+            return None
+        mixing = mixing_modules(module)
+        if mixing:
+            name, why = mixing[0]
+            raise SampleMixingError(
+                f"module {name!r} mixes samples in training mode: {why}. Patch- and "
+                f"record-level DP-SGD need each sample's gradient to depend on that sample "
+                f"only; {_FROZEN_BN}. ({len(mixing)} such module(s): "
+                f"{[n for n, _ in mixing][:5]})")
+        self._versions = [(name, b, b._version) for name, b in module.named_buffers()]
+        rows = _batch_rows(args, kwargs)
+        if rows is not None:
+            self.input_rows.append(rows)
+        return None
+
+    def _post(self, module, args, kwargs, output):
+        if self._versions is None:
+            return None
+        for name, buffer, version in self._versions:
+            if buffer._version != version:
+                self._versions = None
+                raise SampleMixingError(
+                    f"buffer {name!r} was updated by a training-mode forward pass: it holds a "
+                    f"statistic of the private batch that would be released without noise "
+                    f"(running statistics of a normalisation layer, a cache, ...); "
+                    f"{_FROZEN_BN}, or compute it outside training")
+        self._versions = None
+        return None
+
+    def pop_input_rows(self) -> Optional[int]:
+        rows, self.input_rows = self.input_rows, []
+        return sum(rows) if rows else None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def rows_from_grad_samples(optimizer) -> int:
+    """Per-sample rows of the last clipped chunk, from the parameters' ``grad_sample``."""
+    for p in optimizer.params:
+        gs = getattr(p, "grad_sample", None)
+        if gs is None:
+            continue
+        return int(sum(g.shape[0] for g in gs)) if isinstance(gs, list) else int(gs.shape[0])
+    raise PerSampleIntegrityError("optimizer.step() found no per-sample gradients")
+
+
+@dataclass
+class NoiseSource:
+    """Where the Gaussian noise comes from: ``"os"`` (a generator seeded from OS entropy per
+    device), ``"secure"`` (reseeded from the OS at every step, four-Gaussian sum against
+    floating-point attacks) or ``"user"`` (the generator given, reproducible from its seed)."""
+
+    kind: str = "os"
+    generator: Optional[torch.Generator] = None
+
+    @property
+    def secure(self) -> bool:
+        return self.kind == "secure"
+
+    def describe(self) -> str:
+        return {
+            "os": "torch generator seeded from OS entropy (not reproducible from any seed)",
+            "secure": "torch generator reseeded from OS entropy at every step, with Opacus' "
+                      "floating-point attack mitigation (sum of 4 Gaussians)",
+            "user": "user-supplied generator: reproducible, and not private if its seed is known",
+        }[self.kind]
+
+    def prepare(self, optimizer) -> None:
+        """Set ``optimizer.generator`` for the next ``add_noise``."""
+        if self.kind == "user":
+            optimizer.generator = self.generator
+            return
+        device = next((p.device for p in optimizer.params), torch.device("cpu"))
+        current = optimizer.generator
+        if self.kind == "secure" or current is None or current.device != device:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(secrets.randbits(63))
+            optimizer.generator = generator
+
+
+class NoiseSourceMixin:
+    """DPOptimizer mixin: the noise generator comes from a :class:`NoiseSource`."""
+
+    _noise_source: Optional[NoiseSource] = None
+
+    def set_noise_source(self, source: NoiseSource) -> None:
+        self._noise_source = source
+        self.secure_mode = source.secure
+        if source.kind == "user":
+            self.generator = source.generator
+
+    def add_noise(self):
+        if self._noise_source is not None:
+            self._noise_source.prepare(self)
+        return super().add_noise()
+
+
+class LogicalBatchGuard(NoiseSourceMixin):
+    """DPOptimizer mixin for fixed-size logical batches (see the module docstring, 1 and 2).
+
+    Decides skip / noisy by counting per-sample rows; Opacus' skip queue is replaced by a ledger
+    of ``(do_skip, logical batch id)`` entries that ``signal_skip_step`` appends."""
+
+    _guard = None
+
+    def attach_guard(self, *, batch_size: int, sampler, rows: Callable,
+                     integrity: Optional[ModuleIntegrity], prefetch: int = 0) -> None:
+        """``prefetch``: chunks the loader's workers sample ahead of the training loop
+        (``prefetch_factor * num_workers``; ``BatchMemoryManager`` copies both settings)."""
+        self._guard = _GuardState(int(batch_size), sampler, rows, integrity, int(prefetch))
+        self._step_skip_queue = []
+        ref = weakref.WeakMethod(self._new_iteration)
+
+        def on_iteration_start():
+            method = ref()
+            if method is not None:
+                method()
+
+        sampler.on_iteration_start.append(on_iteration_start)
+
+    def signal_skip_step(self, do_skip=True):
+        g = self._guard
+        if g is None:
+            return super().signal_skip_step(do_skip)
+        g.ledger.append((bool(do_skip), g.sampler.last_batch_id))
+        g.signals += 1
+        g.exhausted = not do_skip and g.sampler.last_batch_id == g.last_id
+        return None
+
+    def _check_skip_next_step(self, pop_next=True):
+        g = self._guard
+        if g is None:
+            return super()._check_skip_next_step(pop_next)
+        if not pop_next:
+            return g.ledger[0][0] if g.ledger else False
+        if g.ledger:
+            lag = g.signals - g.steps - 1  # chunks sampled ahead of this one, not yet stepped
+            if lag > g.prefetch or (lag != g.prefetch and not g.exhausted):
+                raise LogicalBatchError(
+                    f"a physical chunk was taken from the loader without optimizer.step() "
+                    f"({lag} chunks sampled ahead of this step, the loader prefetches "
+                    f"{g.prefetch}): later chunks would be released with the wrong logical "
+                    f"batch. Step every chunk BatchMemoryManager yields (no `continue` before "
+                    f"optimizer.step())")
+        flag, batch_id = g.ledger.pop(0) if g.ledger else (None, None)
+        g.steps += 1
+        rows = g.rows(self)
+        inputs = g.integrity.pop_input_rows() if g.integrity is not None else None
+        if inputs is not None and inputs != rows:
+            raise PerSampleIntegrityError(
+                f"the model was called with {inputs} samples since the last step but produced "
+                f"{rows} per-sample gradient rows: each sample must be one row of dimension 0 "
+                f"in every layer (a model that folds a sample into several rows, e.g. tiles, "
+                f"clips each tile separately and one image's sensitivity becomes a multiple of "
+                f"C); reshape inside the model so that every hooked layer sees one row per "
+                f"sample")
+        if batch_id is not None and g.open_id is not None and batch_id != g.open_id:
+            raise LogicalBatchError(
+                f"a chunk of logical batch {batch_id} arrived while logical batch {g.open_id} was "
+                f"open ({g.open_rows} of {g.batch_size} samples stepped): every physical chunk "
+                f"of a logical batch must go through optimizer.step()")
+        g.open_rows += rows
+        g.open_id = batch_id if batch_id is not None else g.open_id
+        complete = g.open_rows == g.batch_size
+        if g.open_rows > g.batch_size:
+            raise GradientAccumulationError(
+                f"optimizer.step() would release {g.open_rows} per-sample gradients, more than "
+                f"one logical batch ({g.batch_size}): samples of several independent loader "
+                f"draws would share one noisy step (an image could enter it twice), which the "
+                f"accountant does not cover. Do not accumulate over loader batches (no "
+                f"signal_skip_step); use one larger batch_size with "
+                f"opacus.utils.batch_memory_manager.BatchMemoryManager")
+        if flag is True and complete:
+            raise GradientAccumulationError(
+                f"signal_skip_step(do_skip=True) for a step that completes logical batch "
+                f"{batch_id if batch_id is not None else ''} ({g.batch_size} samples): "
+                f"accumulating several loader batches into one noisy step releases independent "
+                f"draws together, which the accountant does not cover. Use one larger "
+                f"batch_size with BatchMemoryManager(max_physical_batch_size=...) instead")
+        if not complete and flag is not True:
+            raise LogicalBatchError(
+                f"a noisy step would release {g.open_rows} samples, but a logical batch has "
+                f"{g.batch_size}: "
+                + ("a physical chunk of this logical batch was not stepped"
+                   if flag is False else
+                   "the step saw only part of the loader's batch; split logical batches with "
+                   "BatchMemoryManager(max_physical_batch_size=...), which the engine tracks"))
+        if complete:
+            g.open_rows, g.open_id = 0, None
+            return False
+        return True
+
+    def _new_iteration(self) -> None:
+        """A new pass over the loader starts: discard an unfinished logical batch (nothing of it
+        was released) and forget skip flags of chunks that were sampled but never stepped."""
+        g = self._guard
+        if g.open_rows:
+            msg = (f"discarding an unfinished logical batch ({g.open_rows} of {g.batch_size} "
+                   f"samples were stepped) left by the previous pass over the loader: its "
+                   f"clipped gradients are dropped without a noisy step (the accountant is not "
+                   f"charged)")
+            logger.warning(msg)
+            warnings.warn(msg, stacklevel=2)
+            self._is_last_step_skipped = False
+            self.zero_grad(set_to_none=True)
+            for p in self.params:
+                p.summed_grad = None
+        g.open_rows, g.open_id = 0, None
+        g.ledger.clear()
+        g.signals = g.steps = 0
+        g.exhausted = False
+        g.last_id = g.sampler.last_batch_id + len(g.sampler)
+        if g.integrity is not None:
+            g.integrity.input_rows.clear()
+
+
+@dataclass
+class _GuardState:
+    batch_size: int
+    sampler: object
+    rows: Callable
+    integrity: Optional[ModuleIntegrity]
+    prefetch: int = 0
+    open_rows: int = 0
+    open_id: Optional[int] = None
+    signals: int = 0       # skip signals (one per chunk sampled) in this pass
+    steps: int = 0         # optimizer steps in this pass
+    exhausted: bool = False  # the pass's last chunk has been sampled
+    last_id: int = -1      # id of the pass's last logical batch
+
+    def __post_init__(self):
+        self.ledger: list = []
+
+
+@functools.lru_cache(maxsize=None)
+def with_mixins(base: type, guard: bool) -> type:
+    """``base`` (a DPOptimizer class) with :class:`LogicalBatchGuard` (patch-level mode) or
+    only :class:`NoiseSourceMixin` mixed in."""
+    mixin = LogicalBatchGuard if guard else NoiseSourceMixin
+    return type(f"{mixin.__name__.replace('Mixin', '')}{base.__name__}", (mixin, base),
+                {"__module__": __name__, "__doc__": base.__doc__})
