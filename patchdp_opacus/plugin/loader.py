@@ -289,7 +289,8 @@ class CropDPDataLoader(DataLoader):
                    allow_unchecked_transforms=allow_unchecked_transforms, **kwargs)
 
 
-def _sample_image(sample):
+def sample_image(sample):
+    """The image of a sample: a bare image, ``sample[0]`` or ``sample["image"]``."""
     if isinstance(sample, dict):
         return sample["image"]
     if isinstance(sample, (tuple, list)):
@@ -318,4 +319,4 @@ def scan_image_sizes(dataset) -> list[tuple[int, int]]:
     logger.warning("image_sizes not given and the dataset declares none (no image_sizes "
                    "attribute or size_of(i) method): loading all %d samples once to find the "
                    "image sizes; pass image_sizes=... to skip this", len(dataset))
-    return sorted({image_size_of(_sample_image(dataset[i])) for i in range(len(dataset))})
+    return sorted({image_size_of(sample_image(dataset[i])) for i in range(len(dataset))})

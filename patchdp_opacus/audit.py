@@ -1,0 +1,468 @@
+"""The neighbour-pair audit: does the real pipeline keep what the accountant assumes?
+
+Theorem 2 rests on one property of the data pipeline (the user's dataset transforms, the
+loader's crop, the post-crop stage and the collate): *two images that differ only inside the
+private region R, pushed through the pipeline with the same random draws, give identical
+training samples unless the crop touches R* -- which happens with probability at most ``p``.
+The transform inspection (:mod:`patchdp_opacus.plugin.transforms`) checks this property on
+paper; this module checks it on the running code, including whatever ``__getitem__`` does that
+no inspection can see.
+
+For ``trials`` draws of a crop origin (uniform, as the loader draws them) and of a seed, the
+audit builds a neighbour pair -- a random image A of the dataset's raw shape and dtype, and B
+equal to A except inside R (every value changed), R at the placement where ``p`` is attained --
+injects each in turn as the raw image of one record, runs the loader's cropping dataset (user
+transforms, crop, post-crop stage) with every random generator reset to the trial's seed, and
+collates the sample with a few other records.  It reports:
+
+* ``differing``: trials whose outputs differ.  Its Clopper-Pearson interval must not lie above
+  the claimed ``p`` (a lower confidence bound above ``p`` refutes the claim);
+* ``outside``: trials whose crop misses R *and* its mirror images (flips are allowed before
+  the crop) but whose outputs still differ -- each one is a definite violation (a transform
+  that reads the whole image, moves R, or spreads it by interpolation);
+* ``leaks_to_other_samples``: trials where a change in one sample changed another row of the
+  collated batch (a sample-mixing collate);
+* ``origin_uniformity``: chi-square p-values of the crop origins the loader's sampler draws.
+
+The verdict passes when the rate is not refuted and both violation counts are zero.  The
+random-generator reset covers Python's ``random``, numpy's and torch's global generators and
+every albumentations ``Compose`` reachable from the dataset or the post-crop stage; a
+transform with another private generator makes the pair differ by chance and fails the audit
+(a false alarm, never a false pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import random
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from scipy import stats
+
+from patchdp_opacus.plugin.crop import crop_origin, image_size_of, token_moduli
+from patchdp_opacus.plugin.loader import CropDPDataLoader, sample_image
+from patchdp_opacus.privacy.geometry import inclusion_probability
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AuditError", "AuditReport", "audit_loader", "clopper_pearson", "inject_raw_image"]
+
+
+class AuditError(RuntimeError):
+    """The audit cannot run on this pipeline (and says what to provide)."""
+
+
+@dataclasses.dataclass
+class AuditReport:
+    """Outcome of :func:`audit_loader` (JSON-able through :meth:`as_dict`)."""
+
+    trials: int
+    differing: int
+    claimed_p: float
+    p_at_audited_size: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    outside: int
+    leaks_to_other_samples: int
+    origin_uniformity: dict
+    image_size: tuple
+    placement: tuple
+    notes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.differing / self.trials if self.trials else math.nan
+
+    @property
+    def refuted(self) -> bool:
+        """The lower confidence bound of the differing rate lies above the claimed ``p``."""
+        return self.ci_low > self.claimed_p
+
+    @property
+    def uniform(self) -> bool:
+        return all(v >= 1e-3 for v in self.origin_uniformity.values())
+
+    @property
+    def passed(self) -> bool:
+        return not self.refuted and self.outside == 0 and self.leaks_to_other_samples == 0 \
+            and self.uniform
+
+    def reasons(self) -> list[str]:
+        out = []
+        if self.outside:
+            out.append(f"{self.outside} trial(s) whose crop missed the private region (and its "
+                       f"mirror images) still changed the output: something before the crop "
+                       f"reads or moves pixels beyond the region (whole-image statistics, "
+                       f"warps, interpolation)")
+        if self.leaks_to_other_samples:
+            out.append(f"{self.leaks_to_other_samples} trial(s) where changing one sample changed "
+                       f"other samples of the batch: the collate or a batch-level step mixes "
+                       f"samples")
+        if self.refuted:
+            out.append(f"differing rate {self.rate:.4g} (CI {self.ci_low:.4g}-{self.ci_high:.4g}) "
+                       f"lies above the claimed p = {self.claimed_p:.4g}")
+        if not self.uniform:
+            out.append(f"crop origins are not uniform (chi-square p-values "
+                       f"{self.origin_uniformity})")
+        return out
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(rate=self.rate, refuted=self.refuted, passed=self.passed,
+                 verdict="pass" if self.passed else "fail", reasons=self.reasons())
+        return d
+
+    def table(self) -> str:
+        """A plain-text verdict table."""
+        rows = [
+            ("trials", f"{self.trials}"),
+            ("image size audited (H, W)", f"{tuple(self.image_size)}"),
+            ("region placement (padded y, x)", f"{tuple(self.placement)}"),
+            ("claimed p (worst case over sizes)", f"{self.claimed_p:.6g}"),
+            ("p at the audited size", f"{self.p_at_audited_size:.6g}"),
+            ("outputs differing", f"{self.differing} ({self.rate:.4g})"),
+            (f"{self.confidence:.1%} Clopper-Pearson interval",
+             f"[{self.ci_low:.4g}, {self.ci_high:.4g}]"),
+            ("differing although the crop missed R", f"{self.outside}"),
+            ("other samples of the batch changed", f"{self.leaks_to_other_samples}"),
+            ("crop-origin uniformity (chi-square p)",
+             ", ".join(f"{k} {v:.3g}" for k, v in self.origin_uniformity.items())),
+            ("verdict", "PASS" if self.passed else "FAIL"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k:<{width}}  {v}" for k, v in rows]
+        lines += [f"  - {r}" for r in self.reasons()] + [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def clopper_pearson(k: int, n: int, confidence: float) -> tuple[float, float]:
+    """Two-sided Clopper-Pearson interval of a binomial rate ``k / n``."""
+    alpha = 1.0 - confidence
+    low = 0.0 if k == 0 else float(stats.beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return low, high
+
+
+# --- injecting the neighbour images ----------------------------------------------------------
+def _base_dataset(dataset, index: int):
+    """Follow ``Subset``/wrappers down to the dataset that decodes images; the index there."""
+    while True:
+        if type(dataset).__name__ == "Subset" and hasattr(dataset, "indices"):
+            index, dataset = int(dataset.indices[index]), dataset.dataset
+            continue
+        if _can_inject(dataset):
+            return dataset, index
+        inner = getattr(dataset, "dataset", None)
+        if inner is None:
+            return dataset, index
+        dataset = inner
+
+
+def _can_inject(dataset) -> bool:
+    return callable(getattr(dataset, "_load", None)) or callable(getattr(dataset, "loader", None))
+
+
+@contextlib.contextmanager
+def inject_raw_image(dataset, index: int, image) -> Iterator[None]:
+    """While active, record ``index`` of ``dataset`` decodes to ``image`` (its label/mask is
+    kept).  Supported: the package's datasets (``_load(index) -> (image, mask)``) and
+    torchvision folder datasets (``loader(path) -> image``); the override is an instance
+    attribute, removed on exit."""
+    base, i = _base_dataset(dataset, index)
+    if callable(getattr(base, "_load", None)):
+        original, own = base._load, "_load" in vars(base)
+
+        def load(j):
+            raw = original(j)
+            if j != i:
+                return raw
+            return (image, *raw[1:]) if isinstance(raw, tuple) else image
+
+        base._load = load
+        try:
+            yield
+        finally:
+            if own:
+                base._load = original
+            else:
+                del base._load
+        return
+    if callable(getattr(base, "loader", None)):
+        original = base.loader
+        path = base.samples[i][0] if hasattr(base, "samples") else None
+
+        def loader(p):
+            return image if p == path else original(p)
+
+        base.loader = loader
+        try:
+            yield
+        finally:
+            base.loader = original
+        return
+    raise AuditError(
+        f"cannot inject neighbour images into {type(base).__name__}: the audit needs a "
+        f"`_load(index) -> (image, mask)` method (as the package's datasets have) or a "
+        f"torchvision-style `loader(path)` attribute; give your dataset one of them")
+
+
+def _raw_image(dataset, index: int):
+    base, i = _base_dataset(dataset, index)
+    if callable(getattr(base, "_load", None)):
+        raw = base._load(i)
+        return raw[0] if isinstance(raw, tuple) else raw
+    if callable(getattr(base, "loader", None)) and hasattr(base, "samples"):
+        return base.loader(base.samples[i][0])
+    raise AuditError(f"cannot read the raw image of {type(base).__name__} (see "
+                     f"inject_raw_image)")
+
+
+def _neighbours(raw, region_box: np.ndarray, rng: np.random.Generator):
+    """A random image shaped like ``raw`` and its neighbour, different exactly on ``region_box``
+    (boolean H x W in raw pixels)."""
+    from PIL import Image
+
+    if isinstance(raw, Image.Image):
+        arr = np.asarray(raw)
+        a, b = _neighbour_arrays(arr, region_box, rng, channels_last=True)
+        return Image.fromarray(a, mode=raw.mode), Image.fromarray(b, mode=raw.mode)
+    if isinstance(raw, torch.Tensor):
+        a, b = _neighbour_arrays(raw.numpy(), region_box, rng, channels_last=False)
+        return torch.from_numpy(a), torch.from_numpy(b)
+    if isinstance(raw, np.ndarray):
+        return _neighbour_arrays(raw, region_box, rng, channels_last=True)
+    raise AuditError(f"cannot build neighbour images like a raw {type(raw).__name__}")
+
+
+def _neighbour_arrays(arr: np.ndarray, region: np.ndarray, rng, *, channels_last: bool):
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        hi = min(int(info.max), 255)
+        a = rng.integers(0, hi + 1, arr.shape).astype(arr.dtype)
+        b = a.copy()
+        sel = _spatial_index(region, arr.ndim, channels_last)
+        b[sel] = ((a[sel].astype(np.int64) + (hi + 1) // 2 + 1) % (hi + 1)).astype(arr.dtype)
+    else:
+        a = rng.random(arr.shape).astype(arr.dtype)
+        b = a.copy()
+        sel = _spatial_index(region, arr.ndim, channels_last)
+        b[sel] = ((a[sel] + 0.5) % 1.0).astype(arr.dtype)
+    return a, b
+
+
+def _spatial_index(region: np.ndarray, ndim: int, channels_last: bool):
+    if ndim == 2 or channels_last:
+        return region
+    return (slice(None), *np.nonzero(region))  # (C, H, W) tensors
+
+
+# --- resetting every random generator ------------------------------------------------------
+def _albumentations_composes(*roots) -> list:
+    found, seen = [], set()
+
+    def visit(obj, depth=0):
+        if id(obj) in seen or depth > 6 or obj is None:
+            return
+        seen.add(id(obj))
+        if type(obj).__module__.startswith("albumentations") and hasattr(obj, "set_random_seed"):
+            found.append(obj)
+        values = obj.values() if isinstance(obj, dict) else obj if isinstance(
+            obj, (list, tuple)) else getattr(obj, "__dict__", {}).values()
+        for v in values:
+            if isinstance(v, (dict, list, tuple)) or hasattr(v, "__dict__"):
+                visit(v, depth + 1)
+
+    for root in roots:
+        visit(root)
+    return found
+
+
+def _reset_rngs(seed: int, composes) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    for compose in composes:
+        compose.set_random_seed(seed)
+
+
+# --- comparing outputs -----------------------------------------------------------------------
+def _leaves(x) -> list:
+    from PIL import Image
+
+    if isinstance(x, dict):
+        return [leaf for k in sorted(x, key=str) for leaf in _leaves(x[k])]
+    if isinstance(x, (list, tuple)):
+        return [leaf for v in x for leaf in _leaves(v)]
+    if isinstance(x, Image.Image):
+        return [np.asarray(x)]
+    if isinstance(x, torch.Tensor):
+        return [x.detach().cpu()]
+    return [x]
+
+
+def _same(a, b) -> bool:
+    la, lb = _leaves(a), _leaves(b)
+    if len(la) != len(lb):
+        return False
+    for u, v in zip(la, lb):
+        if isinstance(u, torch.Tensor) or isinstance(v, torch.Tensor):
+            if not (isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor)
+                    and u.shape == v.shape and torch.equal(u, v)):
+                return False
+        elif isinstance(u, np.ndarray) or isinstance(v, np.ndarray):
+            if not np.array_equal(u, v):
+                return False
+        elif u != v:
+            return False
+    return True
+
+
+def _rows_changed(a, b, skip_row: int) -> bool:
+    """Does any row other than ``skip_row`` of the collated batches differ?"""
+    for u, v in zip(_leaves(a), _leaves(b)):
+        if isinstance(u, np.ndarray):
+            u, v = torch.from_numpy(np.ascontiguousarray(u)), torch.from_numpy(
+                np.ascontiguousarray(v))
+        if not isinstance(u, torch.Tensor) or u.ndim == 0:
+            if not _same(u, v):
+                return True
+            continue
+        if u.shape != v.shape:
+            return True
+        keep = [r for r in range(u.shape[0]) if r != skip_row]
+        if keep and not torch.equal(u[keep], v[keep]):
+            return True
+    return False
+
+
+# --- the audit --------------------------------------------------------------------------------
+def _footprint(mask: np.ndarray, size, placement, pad) -> np.ndarray:
+    """The region (image coordinates) and its mirror images, as a boolean H x W."""
+    h, w = size
+    out = np.zeros((h, w), dtype=bool)
+    y, x = placement[0] - pad[0], placement[1] - pad[1]
+    out[y:y + mask.shape[0], x:x + mask.shape[1]] |= mask
+    return out | out[::-1, :] | out[:, ::-1] | out[::-1, ::-1]
+
+
+def _inner_preimage(start: int, length: int, scale: float) -> slice:
+    """Raw pixels ``r`` whose extent ``[r / scale, (r + 1) / scale)`` in resized pixels lies in
+    ``[start, start + length)`` (``scale`` = raw / resized size)."""
+    return slice(math.ceil(start * scale - 1e-9), math.floor((start + length) * scale + 1e-9))
+
+
+def _origin_uniformity(loader: CropDPDataLoader, size, draws: int) -> dict:
+    sampler = loader.batch_sampler
+    probe = copy.copy(sampler)  # the loader's own sampler class and moduli, its state untouched
+    if sampler.generator is not None:
+        probe.generator = torch.Generator()
+        probe.generator.set_state(sampler.generator.get_state())
+    ay, ax = loader.spec.crop.axes(size)
+    counts_y, counts_x = np.zeros(ay.num_origins), np.zeros(ax.num_origins)
+    for _ in range(max(1, draws // sampler.global_batch_size)):
+        for token in probe.draw_global_batch():
+            i, j = crop_origin(loader.spec.crop, size, token.u_y, token.u_x)
+            counts_y[i] += 1
+            counts_x[j] += 1
+    out = {}
+    for axis, counts in (("y", counts_y), ("x", counts_x)):
+        out[axis] = 1.0 if len(counts) < 2 else float(stats.chisquare(counts).pvalue)
+    return out
+
+
+def audit_loader(loader: CropDPDataLoader, *, trials: int = 2000, confidence: float = 0.999,
+                 index: int = 0, batch: int = 4, seed: int = 0,
+                 inject: Optional[Callable[[Any, int, Any], Any]] = None,
+                 origin_draws: int = 5000) -> AuditReport:
+    """Run the neighbour-pair audit on ``loader`` (see the module docstring).
+
+    Args:
+        loader: the :class:`CropDPDataLoader` to audit (its dataset, crop, post-crop stage and
+            collate are used as they are; its own random state is not touched).
+        trials: neighbour pairs (crop origins); the test's power grows with ``sqrt(trials)``.
+        confidence: of the Clopper-Pearson interval.
+        index: the record whose raw image is replaced by the neighbours.
+        batch: samples per collated batch (the record plus ``batch - 1`` others).
+        seed: seeds the audit's own draws (origins, images, per-trial generator seeds).
+        inject: ``inject(dataset, index, image)`` returning a context manager that makes
+            ``dataset[index]`` decode to ``image``; default :func:`inject_raw_image`.
+    """
+    if not isinstance(loader, CropDPDataLoader):
+        raise AuditError(f"audit_loader needs a CropDPDataLoader, got {type(loader).__name__}")
+    cropping = loader.dataset
+    dataset, spec = cropping.dataset, loader.spec
+    inject = inject or inject_raw_image
+    rng = np.random.default_rng(seed)
+    size = image_size_of(sample_image(dataset[index]))
+    raw = _raw_image(dataset, index)
+    raw_size = image_size_of(raw)
+    mask = spec.region.mask()
+    at_size = inclusion_probability(spec.crop, size, spec.region)
+    top, _, left, _ = spec.crop.pad_offsets(size)
+    notes = []
+    region_raw = np.zeros(raw_size, dtype=bool)
+    y0, x0 = at_size.placement[0] - top, at_size.placement[1] - left
+    if raw_size == size:
+        region_raw[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]] = mask
+    else:  # a resize before the crop: change the raw pixels whose extent lies in the region
+        rows = _inner_preimage(y0, mask.shape[0], raw_size[0] / size[0])
+        cols = _inner_preimage(x0, mask.shape[1], raw_size[1] / size[1])
+        if rows.start >= rows.stop or cols.start >= cols.stop:
+            raise AuditError(f"the private region {mask.shape} (in the {size} pixels the crop "
+                             f"sees) covers no whole raw pixel of the {raw_size} raw images")
+        region_raw[rows, cols] = True
+        notes.append(f"raw images are {raw_size}, the crop sees {size}: the raw pixels inside "
+                     f"the region's box were changed, and the 'missed' test allows one pixel "
+                     f"of resampling slack around it")
+    footprint = _footprint(mask, size, at_size.placement, (top, left))
+    if raw_size != size:
+        footprint = np.zeros(size, dtype=bool)
+        footprint[max(y0 - 1, 0):y0 + mask.shape[0] + 1,
+                  max(x0 - 1, 0):x0 + mask.shape[1] + 1] = True
+        footprint = footprint | footprint[::-1, :] | footprint[:, ::-1] | footprint[::-1, ::-1]
+    composes = _albumentations_composes(dataset, cropping.post_crop_transform)
+    moduli = token_moduli(spec.crop, spec.image_sizes)
+    others = [i for i in range(len(dataset)) if i != index][:max(batch - 1, 0)]
+    collate = loader.collate_fn
+    ch, cw = spec.crop.crop_size
+    differing = outside = leaks = 0
+    img_a, img_b = _neighbours(raw, region_raw, rng)
+    for t in range(trials):
+        uy, ux = int(rng.integers(moduli[0])), int(rng.integers(moduli[1]))
+        trial_seed = int(rng.integers(2**31))
+        other_tokens = [(o, int(rng.integers(moduli[0])), int(rng.integers(moduli[1])))
+                        for o in others]
+        outputs = []
+        for image in (img_a, img_b):
+            with inject(dataset, index, image):
+                _reset_rngs(trial_seed, composes)
+                sample = cropping[(index, uy, ux)]
+                rest = [cropping[tok] for tok in other_tokens]
+            outputs.append((sample, collate([sample, *rest]) if others else None))
+        (sa, ba), (sb, bb) = outputs
+        differ = not _same(sa, sb)
+        i, j = crop_origin(spec.crop, size, uy, ux)
+        ys, xs = i - top, j - left
+        window = footprint[max(ys, 0):max(ys + ch, 0), max(xs, 0):max(xs + cw, 0)]
+        if differ:
+            differing += 1
+            if not window.any():
+                outside += 1
+        if ba is not None and _rows_changed(ba, bb, 0):
+            leaks += 1
+    low, high = clopper_pearson(differing, trials, confidence)
+    report = AuditReport(
+        trials=trials, differing=differing, claimed_p=spec.inclusion_probability,
+        p_at_audited_size=at_size.value, ci_low=low, ci_high=high, confidence=confidence,
+        outside=outside, leaks_to_other_samples=leaks,
+        origin_uniformity=_origin_uniformity(loader, size, origin_draws), image_size=size,
+        placement=at_size.placement, notes=notes)
+    logger.info("audit: %s", report.as_dict())
+    return report
