@@ -176,6 +176,15 @@ def _cached_plans(transform: GeometricTransform, image_size: Size):
     return tuple(transform._plans(image_size))
 
 
+def clear_caches() -> None:
+    """Forget cached plans and taps (for cold-start timings)."""
+    from patchdp_opacus.privacy import interpolation
+
+    _cached_plans.cache_clear()
+    interpolation.resize_bounds.cache_clear()
+    interpolation._all_taps.cache_clear()
+
+
 def _window_plans(image_size: Size, resized: Size, crop: CropGeometry, what: str):
     try:
         ay, ax = crop.axes(resized)
@@ -482,4 +491,4 @@ def footprint_inclusion(transform, image_sizes, region) -> FootprintInclusion:
 
 __all__ = ["GeometricTransform", "FixedCrop", "RandomScaleCrop", "RandomResizedCrop", "Resize",
            "TRANSFORMS", "transform_from_dict", "as_transform", "footprint_inclusion",
-           "scale_grid", "scaled_length", "as_fraction"]
+           "scale_grid", "scaled_length", "as_fraction", "clear_caches"]
