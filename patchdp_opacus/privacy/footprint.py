@@ -25,11 +25,14 @@ n_x(g)`` origins of that choice.  Resampling is separable, so ``F(theta)`` is co
 product of one source interval per axis: ``F_y(g, i) x F_x(g, j)``, where ``F_y`` is the hull of
 the non-zero taps (:func:`~.interpolation.axis_taps`, through
 :func:`~.interpolation.resize_bounds`) of the output rows that read the image, taken over the
-image's kernel *and* the mask's (nearest) kernel.  This hull is the footprint
-used both here and by the loader, which cuts exactly this window out of the image before it
-resamples.  It is exact (equal to the true dependence set) when each axis' taps have no holes
-and the mask's taps lie inside the image's (nearest/bilinear/antialiased kernels at scales
-``>= 1/2``); otherwise ``p`` is an upper bound.  Then, exactly,
+image's kernel *and* the mask's (nearest) kernel.  This hull is the footprint used both here and
+by the loader, which cuts exactly this window out of the image before it resamples.  It equals
+the set of pixels a sample really reads when, on each axis, the taps leave no holes and the
+mask's nearest taps lie inside the image's; the brute-force tests find this for antialiased
+bilinear at scales 1/2 to 2 and for upscaling.  Otherwise ``p`` is an upper bound: without
+antialias, downscaling by more than 2 skips pixels, and torch's nearest (``floor(o r)``) can read
+a mask pixel one before the bilinear taps, so the union of the image's and the mask's footprints
+is not a product of intervals.  With these footprints, exactly,
 
     p(y, x) = (1/G) sum_g  C_g(y, x) / (n_y(g) n_x(g)),
 
