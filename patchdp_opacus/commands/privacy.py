@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from patchdp_opacus.commands import HelpFormatter, UsageError
+from patchdp_opacus.commands import HelpFormatter, UsageError, _resampling
 from patchdp_opacus.privacy import (
     DEFAULT_DISCRETIZATION,
     CropGeometry,
@@ -31,7 +31,7 @@ from patchdp_opacus.privacy import (
 from patchdp_opacus.privacy.accounting import steps_per_epoch
 from patchdp_opacus.privacy.regions import SHAPES
 
-SWEEPS = ("crop", "patch", "padding", "noise", "resolution")
+SWEEPS = ("crop", "patch", "padding", "noise", "resolution", "scale")
 DEFAULT_SIGMA_DATA = 5000.0
 DEFAULT_EPSILON_RANGE = (0.0, 50.0, 201)
 #: Lowest delta shown in profile figures (smaller values only squash the DP-SGD curves).
@@ -92,8 +92,9 @@ def _add_geometry(parser, *, sweep: bool = False) -> None:
                    required=not sweep,
                    help="training image size; repeat it for a data set with several sizes "
                         "(p is the worst case over them)")
-    g.add_argument("--crop-size", nargs=2, type=_pixels, metavar=("H", "W"), required=not sweep,
-                   help="random crop applied in training (origin uniform over the padded image)")
+    g.add_argument("--crop-size", nargs=2, type=_pixels, metavar=("H", "W"),
+                   help="random crop applied in training (origin uniform over the padded image); "
+                        "required unless --resized-crop")
     g.add_argument("--patch-size", nargs=2, type=_pixels, metavar=("H", "W"), required=not sweep,
                    help="bounding box of the private region, protected at any placement inside "
                         "the image (a circle has diameter min(H, W))")
@@ -106,6 +107,7 @@ def _add_geometry(parser, *, sweep: bool = False) -> None:
     g.add_argument("--pad-if-needed", action="store_true",
                    help="pad a side still shorter than the crop, symmetrically, up to the crop "
                         "size")
+    _resampling.add_resampling_flags(parser)
 
 
 def _add_group(parser) -> None:
@@ -217,9 +219,11 @@ def register(subparsers) -> None:
                     "are S (square) or HxW; the swept quantity's own flag is omitted.")
     p.add_argument("quantity", choices=SWEEPS,
                    help="crop: crop size; patch: private-region size; padding: padding; "
-                        "noise: noise multiplier; resolution: image size")
+                        "noise: noise multiplier; resolution: image size; scale: random scale "
+                        "range before the crop")
     p.add_argument("--values", nargs="+", required=True, metavar="V",
-                   help="values of the swept quantity (sizes: S or HxW pixels; noise: z)")
+                   help="values of the swept quantity (sizes: S or HxW pixels; noise: z; "
+                        "scale: S or MIN-MAX, grid step --scale-step)")
     p.add_argument("--noise-multipliers", nargs="+", type=_positive_float("noise std = z*C"),
                    metavar="Z", help="one curve per noise multiplier (required unless "
                                      "sweeping noise)")
@@ -244,11 +248,12 @@ def _size_text(size) -> str:
 
 
 def _build_spec(*, shape, image_sizes, crop_size, padding, pad_if_needed, patch_size,
-                group_size, names) -> PatchPrivacySpec:
+                group_size, names, resampling=None) -> PatchPrivacySpec:
     """The privacy layer's spec, after checks whose messages name the flags.
 
     ``names``: how to call each input in a message: ``patch``, ``crop``, ``padding`` (strings)
-    and ``image`` (one string per image size)."""
+    and ``image`` (one string per image size).  ``resampling``: the loader-owned resampling
+    asked for (:mod:`._resampling`), None for a plain crop."""
     try:
         region = make_region(shape, tuple(patch_size))
     except ValueError as exc:
@@ -256,18 +261,45 @@ def _build_spec(*, shape, image_sizes, crop_size, padding, pad_if_needed, patch_
     for size, name in zip(image_sizes, names["image"]):
         if region.size[0] > size[0] or region.size[1] > size[1]:
             raise UsageError(f"{names['patch']} does not fit in {name}")
-    crop = CropGeometry(tuple(crop_size), tuple(padding), pad_if_needed)
-    for size, name in zip(image_sizes, names["image"]):
-        try:
-            crop.axes(size)
-        except ValueError:
-            raise UsageError(
-                f"{names['crop']} does not fit in {name} padded by {names['padding']}; add "
-                f"--pad-if-needed, more --padding or use a smaller crop") from None
+    if resampling is not None:
+        geometry = _resampled_geometry(resampling, crop_size, padding, pad_if_needed,
+                                       image_sizes, names)
+    else:
+        if crop_size is None:
+            raise UsageError("--crop-size is required (or --resized-crop)")
+        geometry = CropGeometry(tuple(crop_size), tuple(padding), pad_if_needed)
+        for size, name in zip(image_sizes, names["image"]):
+            try:
+                geometry.axes(size)
+            except ValueError:
+                raise UsageError(
+                    f"{names['crop']} does not fit in {name} padded by {names['padding']}; add "
+                    f"--pad-if-needed, more --padding or use a smaller crop") from None
     try:
-        return PatchPrivacySpec(crop, region, tuple(tuple(s) for s in image_sizes), group_size)
+        return PatchPrivacySpec(geometry, region, tuple(tuple(s) for s in image_sizes),
+                                group_size)
     except ValueError as exc:
         raise UsageError(f"{names['patch']}: {exc}") from None
+
+
+def _resampled_geometry(resampling, crop_size, padding, pad_if_needed, image_sizes, names):
+    """The loader-owned transform of ``resampling`` around the crop, checked on every image
+    size with a message naming the flags."""
+    crop = None
+    if not resampling.replaces_crop:
+        if crop_size is None:
+            raise UsageError(f"{resampling.flags} needs --crop-size")
+        crop = CropGeometry(tuple(crop_size), tuple(padding), pad_if_needed)
+    transform = resampling.build(crop)
+    for size, name in zip(image_sizes, names["image"]):
+        try:
+            transform.validate(size)
+        except ValueError as exc:
+            with_crop = "" if crop is None else f" and {names['crop']}"
+            why = str(exc).replace("pad_if_needed=True", "--pad-if-needed").replace(
+                "smaller crop_size", "smaller --crop-size")
+            raise UsageError(f"{resampling.flags}{with_crop} on {name}: {why}") from None
+    return transform
 
 
 def _spec_from_args(args) -> PatchPrivacySpec:
@@ -277,9 +309,10 @@ def _spec_from_args(args) -> PatchPrivacySpec:
         padding=padding, pad_if_needed=args.pad_if_needed, patch_size=args.patch_size,
         group_size=getattr(args, "group_size", 1),
         names={"patch": _flag("--patch-size", args.patch_size),
-               "crop": _flag("--crop-size", args.crop_size),
+               "crop": _flag("--crop-size", args.crop_size or ()),
                "padding": _flag("--padding", padding),
-               "image": [_flag("--image-size", s) for s in args.image_size]})
+               "image": [_flag("--image-size", s) for s in args.image_size]},
+        resampling=_resampling.resampling_from_args(args))
 
 
 @dataclass(frozen=True)
@@ -345,8 +378,10 @@ def _setting_payload(spec: PatchPrivacySpec, sched: Schedule, run: PatchDPSGD) -
     geometry = spec.to_dict()
     geometry["worst_image_size"] = list(spec.inclusion.image_size)
     geometry["worst_placement"] = list(spec.inclusion.placement)
+    loose = getattr(spec.inclusion, "average_of_maxima", None)
+    extra = {} if loose is None else {"inclusion_average_of_maxima": float(loose)}
     return {"inclusion_probability": spec.inclusion.value,
-            "inclusion_fraction": _fraction_text(spec.inclusion.fraction),
+            "inclusion_fraction": _fraction_text(spec.inclusion.fraction), **extra,
             "sample_rate": run.sample_rate,
             "effective_sampling_rate": run.effective_sample_rate,
             **sched.to_dict(),
@@ -359,12 +394,12 @@ def _setting_lines(spec: PatchPrivacySpec, sched: Schedule, run: PatchDPSGD) -> 
              f"{', '.join(_size_text(s) for s in spec.image_sizes)}; "
              if len(spec.image_sizes) > 1 else "")
     region = spec.region.describe()
+    pixels = "padded" if isinstance(spec.crop, CropGeometry) else "stored-image"
     return [
         f"p = {inc.value:.6g} = {_fraction_text(inc.fraction)}   ({worst}worst placement: region "
-        f"top-left (y, x) = {inc.placement} in padded pixels)",
+        f"top-left (y, x) = {inc.placement} in {pixels} pixels)",
         f"region: {region['shape']} in a {_size_text(region['size'])} box, {region['pixels']} "
-        f"pixels; crop {_size_text(spec.crop.crop_size)}, padding "
-        f"{_size_text(spec.crop.padding)}, pad_if_needed={spec.crop.pad_if_needed}",
+        f"pixels; {_resampling.describe_geometry(spec)}",
         f"q = B/N = {sched.batch_size}/{sched.dataset_size} = {run.sample_rate:.6g}",
         f"w = q*p = {run.effective_sample_rate:.6g}   (effective sampling rate)",
         f"steps = {sched.describe()}",
@@ -490,7 +525,7 @@ def cmd_profile(args) -> int:
     if out is not None:
         fig, ax = _plot.new_figure(
             f"Privacy profiles: z = {args.noise_multiplier:g}, {sched.steps} steps, "
-            f"q = {run.sample_rate:.4g}, crop {_size_text(spec.crop.crop_size)}, "
+            f"q = {run.sample_rate:.4g}, {_resampling.short_geometry(spec)}, "
             f"{spec.region.name} {_size_text(spec.region.size)}",
             "epsilon (nats)", "delta(epsilon) of the whole run", logy=True)
         for key, values in curves.items():
@@ -543,7 +578,11 @@ def _check_sweep_flags(args) -> None:
             "--image-size": "image_size"}
     if flag and getattr(args, attr[flag]) is not None:
         raise UsageError(f"{flag} conflicts with 'sweep {kind}', which takes it from --values")
+    if args.resized_crop and kind in ("crop", "padding", "scale"):
+        raise UsageError(f"--resized-crop conflicts with 'sweep {kind}' (it has no crop)")
     for other in ("--image-size", "--crop-size", "--patch-size"):
+        if other == "--crop-size" and args.resized_crop:
+            continue
         if other != flag and getattr(args, attr[other]) is None:
             raise UsageError(f"'sweep {kind}' needs {other}")
     if kind == "noise" and args.noise_multipliers:
@@ -559,7 +598,7 @@ def _sweep_points(args) -> tuple[list, list]:
     padding = args.padding if args.padding is not None else [0, 0]
     base = dict(shape=args.patch_shape, image_sizes=args.image_size, crop_size=args.crop_size,
                 padding=padding, pad_if_needed=args.pad_if_needed, patch_size=args.patch_size,
-                group_size=args.group_size)
+                group_size=args.group_size, resampling=_resampling.resampling_from_args(args))
     names = {"patch": _flag("--patch-size", args.patch_size or ()),
              "crop": _flag("--crop-size", args.crop_size or ()),
              "padding": _flag("--padding", padding),
@@ -594,6 +633,10 @@ def cmd_sweep(args) -> int:
 
     from patchdp_opacus.commands import _plot
 
+    if args.quantity == "scale":
+        from patchdp_opacus.commands._scale_sweep import cmd_sweep_scale
+
+        return cmd_sweep_scale(args)
     _check_sweep_flags(args)
     out = _plot.check_out_path(args.out) if args.out else None
     sched = _schedule(args)
@@ -624,7 +667,7 @@ def cmd_sweep(args) -> int:
         if kind != "resolution":
             fixed.append("image " + ", ".join(_size_text(s) for s in args.image_size))
         if kind != "crop":
-            fixed.append(f"crop {_size_text(args.crop_size)}")
+            fixed.append(_resampling.short_geometry(specs[0]))
         if kind != "patch":
             fixed.append(f"{args.patch_shape} {_size_text(args.patch_size)}")
         fixed.append(f"q = {sched.sample_rate:.4g}, {sched.steps} steps")

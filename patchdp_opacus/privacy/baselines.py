@@ -18,7 +18,7 @@ import numpy as np
 from dp_accounting.pld import privacy_loss_mechanism
 from scipy.stats import norm
 
-from patchdp_opacus.privacy.geometry import as_size
+from patchdp_opacus.privacy._sizes import as_size
 
 PIXEL_RANGE = 255.0
 

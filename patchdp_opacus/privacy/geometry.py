@@ -27,31 +27,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterable
 
 import numpy as np
 
-from patchdp_opacus.privacy.regions import Rectangle
-
-Size = tuple[int, int]
-
-
-def _pair(value, name: str) -> Size:
-    if isinstance(value, (int, np.integer)):
-        value = (int(value), int(value))
-    try:
-        h, w = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or a (height, width) pair, got {value!r}") from None
-    return h, w
-
-
-def as_size(value, name: str = "size", *, minimum: int = 1) -> Size:
-    """Normalise an int or ``(height, width)`` pair and check both sides are >= ``minimum``."""
-    h, w = _pair(value, name)
-    if h < minimum or w < minimum:
-        raise ValueError(f"{name} must be >= {minimum} on both sides, got (height={h}, width={w})")
-    return h, w
+from patchdp_opacus.privacy._sizes import Size, _pair, as_size  # noqa: F401 - re-exported
+from patchdp_opacus.privacy._sizes import as_size_list as _as_size_list
+from patchdp_opacus.privacy.regions import Rectangle, as_region
 
 
 @dataclass(frozen=True)
@@ -261,8 +242,6 @@ def inclusion_probability(crop: CropGeometry, image_sizes, region) -> InclusionP
     (rectangle / square) or a boolean mask.  Rectangles use the closed form, other regions the
     exact all-placement count; both return exact fractions.
     """
-    from patchdp_opacus.privacy.regions import as_region
-
     region = as_region(region)
     sizes = _as_size_list(image_sizes)
     worst = None
@@ -274,14 +253,3 @@ def inclusion_probability(crop: CropGeometry, image_sizes, region) -> InclusionP
         if worst is None or cur.fraction > worst.fraction:
             worst = cur
     return worst
-
-
-def _as_size_list(image_sizes) -> list[Size]:
-    if isinstance(image_sizes, (int, np.integer)):
-        return [as_size(image_sizes, "image_size")]
-    items = list(image_sizes) if isinstance(image_sizes, Iterable) else [image_sizes]
-    if len(items) == 2 and all(isinstance(v, (int, np.integer)) for v in items):
-        return [as_size(tuple(items), "image_size")]
-    if not items:
-        raise ValueError("image_sizes is empty: declare at least one (height, width)")
-    return sorted({as_size(s, "image_size") for s in items})

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from patchdp_opacus.privacy._sizes import as_size
+
 _SHAPES = ("rectangle", "square", "circle", "crescent", "blob", "cluster")
 
 
@@ -167,8 +169,6 @@ def _trim(m: np.ndarray) -> np.ndarray:
 def make_region(shape: str, size) -> PrivateRegion:
     """Region by name: ``rectangle``/``square`` (size ``(h, w)``), ``circle`` (diameter
     ``min(h, w)``), ``crescent``/``blob`` and ``cluster`` (bounding box ``(h, w)``)."""
-    from patchdp_opacus.privacy.geometry import as_size
-
     h, w = as_size(size, "patch size")
     shape = shape.lower()
     if shape in ("rectangle", "square"):

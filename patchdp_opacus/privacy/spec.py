@@ -2,7 +2,10 @@
 
 One :class:`PatchPrivacySpec` is shared by the loader (which applies exactly this crop and
 refuses images of undeclared sizes) and the accountant (which uses its ``p``), so the geometry
-accounted for is the geometry applied.
+accounted for is the geometry applied.  The geometry is a fixed-size random crop
+(:class:`~.geometry.CropGeometry`, Lemma 1) or a loader-owned geometric transform
+(:class:`~.geometric.GeometricTransform`: random scale + crop, RandomResizedCrop, resize;
+``p`` from its footprint, :mod:`.footprint`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+from patchdp_opacus.privacy.geometric import (
+    GeometricTransform,
+    as_transform,
+    transform_from_dict,
+)
 from patchdp_opacus.privacy.geometry import (
     CropGeometry,
     InclusionProbability,
@@ -26,21 +34,23 @@ from patchdp_opacus.privacy.regions import (
 
 @dataclass(frozen=True, eq=False)
 class PatchPrivacySpec:
-    """crop: the random crop applied by the loader; region: the private region protected at
+    """crop: the random crop applied by the loader (a :class:`CropGeometry`) or a loader-owned
+    :class:`~.geometric.GeometricTransform` (then ``inclusion`` is its footprint ``p``, with
+    placements in stored-image pixels); region: the private region protected at
     any placement; image_sizes: every ``(H, W)`` the data set may contain (``p`` is the worst
     case over them); group_size: number of regions per image protected by group privacy (1 =
     one region, or a :class:`~.regions.Union` mask); unchecked_transforms: names of user
     transforms the pipeline inspection could not vouch for, accepted by an explicit override
     (recorded in privacy reports)."""
 
-    crop: CropGeometry
+    crop: CropGeometry | GeometricTransform
     region: PrivateRegion
     image_sizes: tuple
     group_size: int = 1
     unchecked_transforms: tuple = field(default=())
 
     def __post_init__(self):
-        if not isinstance(self.crop, CropGeometry):
+        if not isinstance(self.crop, (CropGeometry, GeometricTransform)):
             object.__setattr__(self, "crop", CropGeometry(self.crop))
         object.__setattr__(self, "region", as_region(self.region))
         object.__setattr__(self, "image_sizes", tuple(_as_size_list(self.image_sizes)))
@@ -48,12 +58,20 @@ class PatchPrivacySpec:
         if int(self.group_size) < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         for size in self.image_sizes:  # fail early: crop must fit, region must fit
-            self.crop.axes(size)
+            self.transform.validate(size)
         _ = self.inclusion
+
+    @property
+    def transform(self) -> GeometricTransform:
+        """The geometry behind the common transform interface (a CropGeometry as FixedCrop):
+        ``draw_moduli``, ``theta_from_draws``, ``footprint``, ``plans``."""
+        return as_transform(self.crop)
 
     @functools.cached_property
     def inclusion(self) -> InclusionProbability:
-        return inclusion_probability(self.crop, self.image_sizes, self.region)
+        if isinstance(self.crop, CropGeometry):
+            return inclusion_probability(self.crop, self.image_sizes, self.region)
+        return self.crop.inclusion_probability(self.image_sizes, self.region)
 
     @property
     def inclusion_probability(self) -> float:
@@ -74,7 +92,7 @@ class PatchPrivacySpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PatchPrivacySpec":
-        return cls(CropGeometry.from_dict(d["crop"]), region_from_dict(d["region"]),
+        return cls(transform_from_dict(d["crop"]), region_from_dict(d["region"]),
                    tuple(tuple(s) for s in d["image_sizes"]), int(d.get("group_size", 1)),
                    tuple(d.get("unchecked_transforms", ())))
 
