@@ -28,7 +28,12 @@ from patchdp_opacus.privacy import (
     make_region,
     privacy_profile,
 )
-from patchdp_opacus.privacy.accounting import steps_per_epoch
+from patchdp_opacus.privacy.accounting import (
+    NO_AMPLIFICATION_WARNING,
+    OPACUS_RELATION,
+    add_remove_poisson_epsilon,
+    steps_per_epoch,
+)
 from patchdp_opacus.privacy.regions import SHAPES
 
 SWEEPS = ("crop", "patch", "padding", "noise", "resolution", "scale")
@@ -428,18 +433,29 @@ def cmd_epsilon(args) -> int:
     k = spec.group_size
     eps_patch = _patch_epsilon(run, args.delta, k, args.discretization)
     eps_record = epsilon(run.record_level(), args.delta, args.discretization)
+    eps_opacus = add_remove_poisson_epsilon(
+        [(args.noise_multiplier, run.sample_rate, run.steps)], args.delta)
     payload = {"epsilon_patch": _finite(eps_patch), "epsilon_record": _finite(eps_record),
                **_setting_payload(spec, sched, run), "group_size": k,
                "noise_multiplier": args.noise_multiplier, "delta": args.delta,
-               "discretization": args.discretization}
+               "discretization": args.discretization,
+               "opacus_orientation": {
+                   "epsilon": _finite(eps_opacus), "relation": OPACUS_RELATION,
+                   "note": "for orientation only: a different neighbouring relation and "
+                           "sampling scheme than both claims above"}}
     group = f", {k} regions by group privacy" if k > 1 else ""
     lines = [f"patch-level  epsilon = {eps_patch:.4f}   (delta = {args.delta:.6g} per run{group})",
              f"record-level epsilon = {eps_record:.4f}   (same run, p = 1)",
              *_setting_lines(spec, sched, run),
-             f"z = {args.noise_multiplier:g}   (noise std = z*C)"]
+             f"z = {args.noise_multiplier:g}   (noise std = z*C)",
+             f"for orientation, Opacus-style epsilon = {eps_opacus:.4f}   ({OPACUS_RELATION}: "
+             f"a different relation and sampling, not comparable to the two claims above)"]
     if eps_patch > eps_record:
         lines.append("note: the record-level epsilon also bounds any regions of one image and is "
                      "smaller here")
+    if spec.inclusion.value >= 1.0:
+        payload["warning"] = NO_AMPLIFICATION_WARNING
+        lines.append(f"warning: {NO_AMPLIFICATION_WARNING}")
     _emit(args, payload, lines)
     return 0
 

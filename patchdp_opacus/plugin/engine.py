@@ -332,6 +332,9 @@ class PrivacyEngine(opacus.PrivacyEngine):
                 "(patchdp_opacus.privacy.group_epsilon); the engine's accountant protects one "
                 "region per image — protect several regions as one Union mask instead")
         self.accountant.set_spec(loader.spec)
+        if loader.inclusion_probability >= 1.0:
+            logger.warning(accounting.NO_AMPLIFICATION_WARNING)
+            warnings.warn(accounting.NO_AMPLIFICATION_WARNING, stacklevel=3)
         wrapped = self._prepare_model(module, batch_first=batch_first,
                                       max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
                                       grad_sample_mode=grad_sample_mode, wrap_model=wrap_model)
@@ -494,7 +497,13 @@ class PrivacyEngine(opacus.PrivacyEngine):
             sampling="fixed-size batches without replacement", accountant=acc.mechanism(),
             secure_sampling=self.secure_mode,
             epsilon_patch=acc.get_epsilon(delta, level="patch") if spec else None,
-            epsilon_record=acc.get_epsilon(delta, level="record"))
+            epsilon_record=acc.get_epsilon(delta, level="record"),
+            opacus_orientation={
+                "epsilon": accounting.add_remove_poisson_epsilon(acc.history, delta)
+                if len(acc) else 0.0,
+                "relation": accounting.OPACUS_RELATION,
+                "note": "for orientation only: a different neighbouring relation and sampling "
+                        "scheme than epsilon_patch / epsilon_record"})
         if spec is not None:
             report["geometry"] = spec.to_dict()
         if self.data_loader is not None:

@@ -39,6 +39,11 @@ SENSITIVITY = 2.0
 #: profile at any discretisation; finer is tighter and slower.
 DEFAULT_DISCRETIZATION = 1e-4
 _LOG_MASS_TRUNCATION = -50.0
+#: Printed wherever p = 1 is met (the crop always covers the private region).
+NO_AMPLIFICATION_WARNING = (
+    "p = 1: every crop covers the private region wherever it lies, so cropping gives no "
+    "amplification and the patch-level claim equals the record-level one; use a smaller crop, "
+    "a larger image, or a smaller private region to gain from cropping")
 
 
 def _check_rate(name, value, allow_zero=False):
@@ -280,3 +285,30 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float,
             lo, hi, step = lo * (1 - step), lo, min(2 * step, 0.5)
         lo, hi = bisect(lo, hi, disc)
     return hi
+
+
+#: How Opacus' accountants model DP-SGD (the orientation number next to our claims).
+OPACUS_RELATION = "record-level add/remove, Poisson sampling (as Opacus' accountants)"
+
+
+def add_remove_poisson_epsilon(history, delta: float, discretization: float = 1e-3) -> float:
+    """Record-level epsilon under *add/remove* of one record with *Poisson* sampling -- the
+    relation and sampling Opacus' accountants analyse -- for ``history`` = ``[(z, q, steps),
+    ...]`` (sensitivity 1 in units of C, noise std ``z * C``), by dp-accounting's PLD
+    accountant.
+
+    For orientation only: it is *not* a claim about fixed-size batches or about substitution
+    (the patch relation needs substitution: the image stays in the data set, only its private
+    region changes, so one step's sensitivity is 2C).  Opacus' 'prv' accountant evaluates the
+    same mechanism (it agrees within its own error bound; tested).  ``delta`` per run."""
+    from dp_accounting import NeighboringRelation, dp_event
+    from dp_accounting.pld import PLDAccountant
+
+    _check_delta(delta)
+    accountant = PLDAccountant(NeighboringRelation.ADD_OR_REMOVE_ONE,
+                               value_discretization_interval=float(discretization))
+    for z, q, steps in history:
+        _check_args(z, q)
+        accountant.compose(dp_event.PoissonSampledDpEvent(
+            float(q), dp_event.GaussianDpEvent(float(z))), int(steps))
+    return float(accountant.get_epsilon(float(delta)))
