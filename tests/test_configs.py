@@ -40,7 +40,8 @@ def test_classification_configs_hold_the_paper_settings(dataset, name):
     arch, batch, epochs, crop, patch, norm = CLASSIFICATION[(dataset, name)]
     assert cfg["task"] == "classification" and cfg["dataset"]["name"] == dataset
     m, p, t = cfg["model"], cfg["privacy"], cfg["training"]
-    assert (m["arch"], m["norm"], m["num_classes"]) == (arch, norm, {"dtd": 47, "mnist": 10}[dataset])
+    classes = {"dtd": 47, "mnist": 10}[dataset]
+    assert (m["arch"], m["norm"], m["num_classes"]) == (arch, norm, classes)
     assert m["weights"] == ("imagenet" if dataset == "dtd" else None)
     assert (t["batch_size"], t["epochs"], t["scheduler"]) == (batch, epochs, "cosine")
     assert (p["crop"], p["private_region"]["size"], p["delta"]) == (crop, patch, None)

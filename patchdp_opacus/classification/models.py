@@ -31,7 +31,7 @@ normalises with ``pixel_mean`` / ``pixel_std`` (pixel units) itself. Output: log
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn

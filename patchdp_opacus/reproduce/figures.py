@@ -130,7 +130,8 @@ def _sweeps(fig: PrivacyFigure, quick: bool, disc: float):
             if quick:
                 values = sorted({values[0], values[len(values) // 2], values[-1]}
                                 | ({threshold} if threshold and threshold <= values[-1] else set()))
-            label = f"{title}: ε vs {quantity} ({'patch 10x10' if quantity == 'crop' else 'crop 450'})"
+            fixed = "patch 10x10" if quantity == "crop" else "crop 450"
+            label = f"{title}: ε vs {quantity} ({fixed})"
             mine = pf.sweep_rows(label, base, quantity, values, sigmas, disc)
             rows += mine
             panels.append((pf.PANEL_DRAWERS["sweep"], (mine, quantity, threshold, label)))

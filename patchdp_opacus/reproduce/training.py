@@ -43,7 +43,8 @@ class Grid:
     def gpu_hours(self) -> str:
         if self.images_per_second:
             per_run = self.images_per_run / self.images_per_second / 3600
-            return f"~{per_run:.1f} GPU-h per run, ~{per_run * self.runs:.0f} GPU-h for {self.runs} runs"
+            return (f"~{per_run:.1f} GPU-h per run, ~{per_run * self.runs:.0f} GPU-h for "
+                    f"{self.runs} runs")
         return (f"not measured; at most {self.cap_hours:g} GPU-h per run (the authors' cap), "
                 f"<= {self.cap_hours * self.runs:.0f} GPU-h for {self.runs} runs")
 
