@@ -141,3 +141,15 @@ def test_training_figures_print_their_grid_and_needs(capsys):
     assert "configs/cityscapes/pspnet.yaml" in out and "status: runs now" in out
     assert main(["fig99"]) == 2
     assert "unknown figure 'fig99'" in capsys.readouterr().err
+
+
+def test_register_adds_a_patchdp_subcommand(capsys):
+    import argparse
+
+    from patchdp_opacus.reproduce.cli import register
+
+    parser = argparse.ArgumentParser(prog="patchdp")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["reproduce", "table1"])
+    assert args.handler(args) == 0
+    assert "configs/mnist/table1_crop.yaml" in capsys.readouterr().out
