@@ -380,9 +380,14 @@ def _default_check(default):
 
 
 def _unknown(key: str, known: Iterable[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, list(known), n=1)
+    """Unknown ``key``: the closest known key, and the keys its section knows."""
+    known = list(known)
+    close = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
-    return ConfigError(key, f"unknown key{hint} (see configs/demo.yaml for every key)")
+    section = key.rpartition(".")[0]
+    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == section]
+    where = f"{section} keys" if section else "sections"
+    return ConfigError(key, f"unknown key{hint} ({where}: {', '.join(siblings)})")
 
 
 def _build(section: str, cls, data) -> Any:
