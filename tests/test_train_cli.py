@@ -187,8 +187,9 @@ def _weights(run):
 def test_noise_is_not_reproducible_from_the_seed(tmp_path, capsys):
     """Same seed, same batches and crops (reproducible_sampling), no dropout: the only
     randomness left is the noise, which comes from OS entropy by default (two runs differ) and
-    from the seed with reproducible_noise (two runs agree).  Nothing of it is in the checkpoint,
-    and no training-batch statistic is in the outputs, the log or the progress bar."""
+    from the seed with reproducible_noise (two runs agree); likewise the batches and crops.
+    Nothing of it is in the checkpoint, and no training-batch statistic is in the outputs, the
+    log or the progress bar."""
     cfg = write_cfg(tmp_path)
     sampling = ["--set", "privacy.reproducible_sampling=true"]
     runs = [tmp_path / f"os{i}" for i in range(2)]
@@ -210,12 +211,20 @@ def test_noise_is_not_reproducible_from_the_seed(tmp_path, capsys):
     assert "not recorded" in rep["train_loss"]
     assert "loss" not in (runs[0] / "metrics.csv").read_text()
 
+    noise = ["--set", "privacy.reproducible_noise=true"]
     seeded = [tmp_path / f"seed{i}" for i in range(2)]
     for run in seeded:
         assert main(["train", "--config", cfg, "--output", str(run), "--quiet", *sampling,
-                     "--set", "privacy.reproducible_noise=true", *NO_DROPOUT]) == 0
+                     *noise, *NO_DROPOUT]) == 0
     a, b = map(_weights, seeded)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the batches and crops, too, come from OS entropy unless reproducible_sampling
+    crops = [tmp_path / f"crops{i}" for i in range(2)]
+    for run in crops:
+        assert main(["train", "--config", cfg, "--output", str(run), "--quiet", *noise,
+                     *NO_DROPOUT]) == 0
+    a, b = map(_weights, crops)
+    assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_log_train_loss_is_opt_in_and_marked(tmp_path, capsys):

@@ -222,6 +222,7 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, *, resume: bool = True,
 
     train_set, val_set = build_datasets(cfg)
     model, compat = build_segmentation_model(cfg)
+    torch.seed()  # nothing after the initialisation may be predictable from the config seed
     model = model.to(device)
     if world > 1:  # the global batch B is split across ranks by the crop-aware loader
         from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
