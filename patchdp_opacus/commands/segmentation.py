@@ -38,14 +38,17 @@ def register(subparsers) -> None:
                     "--set training.lr=0.1 --set privacy.crop=[505,505]); the flags below are "
                     "shortcuts for common keys, and --set is applied after them.")
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. training.epochs=3")
     p.add_argument("--epsilon", type=float, help="target epsilon (nats): privacy.epsilon")
     p.add_argument("--accounting", choices=("patch", "record"),
                    help="analysis used to calibrate the noise: privacy.accounting")
     p.add_argument("--noise-multiplier", type=float,
                    help="fixed noise multiplier z (std = z*C) instead of calibrating for epsilon")
-    p.add_argument("--seed", type=int, help="seed of the model initialisation: training.seed")
+    p.add_argument("--seed", type=int,
+                   help="seed of the model initialisation: training.seed (noise, batches and "
+                        "crops come from OS entropy unless privacy.reproducible_noise / "
+                        "privacy.reproducible_sampling)")
     p.add_argument("--epochs", type=int, help="training.epochs")
     p.add_argument("--max-steps", type=int, help="stop after this many logical steps")
     p.add_argument("--data-root", help="dataset.root")
@@ -119,7 +122,7 @@ def _overrides(args) -> list[tuple[str, object, str]]:
         value = getattr(args, flag)
         if value is not None:
             items.append((key, value, f"--{flag.replace('_', '-')} {value}"))
-    for text in args.overrides:
+    for text in args.overrides or []:
         try:
             key, value = parse_override(text)
         except ConfigError as exc:

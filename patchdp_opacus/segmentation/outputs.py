@@ -360,7 +360,7 @@ def save_prediction_figure(samples: list[tuple], names: Sequence[str], path: Pat
     h, w = samples[0][1].shape
     panel_w = 3.6
     panel_h = panel_w * h / w
-    fig = Figure(figsize=(3 * panel_w + 0.4, len(samples) * (panel_h + 0.45) + 1.4),
+    fig = Figure(figsize=(3 * panel_w + 0.4, len(samples) * (panel_h + 0.3) + 1.0),
                  layout="constrained", facecolor="white")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(samples), 3, squeeze=False)
