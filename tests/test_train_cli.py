@@ -206,6 +206,9 @@ def test_noise_is_not_reproducible_from_the_seed(tmp_path, capsys):
     # progress bar: epoch k/N, logical steps, epsilon; no loss anywhere on screen
     assert "epoch 1/2" in err and "logical steps" in err and "epsilon patch" in err
     assert "loss" not in err.lower()
+    # the compatibility report, with the frozen-parameter list, once per run
+    assert err.count("Opacus compatibility changes") == 2
+    assert err.count("net.encoder.layer3.0.conv1.weight") == 2
     rep = read(runs[0], "privacy_report.json")
     assert rep["noise_source"].startswith("drawn from OS entropy")
     assert "not recorded" in rep["train_loss"]
