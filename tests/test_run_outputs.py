@@ -59,6 +59,17 @@ def test_history_segments_name_every_z_with_its_steps():
     assert "noise: drawn from OS entropy" in text
 
 
+def test_folder_and_config_appear_with_the_first_result(tmp_path):
+    from patchdp_opacus.segmentation.config import config_from_dict
+
+    run = RunOutputs(tmp_path / "run")
+    run.write_config(config_from_dict({}), ["--set training.lr=0.1"])
+    assert not (tmp_path / "run").exists()  # a run failing now leaves nothing behind
+    run.add_epoch({"epoch": 1, "steps": 1, "lr": 0.1})
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    assert text.startswith("# config of this run") and "--set training.lr=0.1" in text
+
+
 def test_metrics_rows_refuse_the_loss_unless_opted_in(tmp_path):
     row = {"epoch": 1, "steps": 3, "lr": 0.1, "epsilon_patch": 1.0, "epsilon_record": 2.0,
            "miou": None, LOSS_COLUMN: 0.7}

@@ -273,6 +273,20 @@ def test_bad_inputs_exit_2_with_message(tmp_path, capsys):
     assert not crop_out.exists()  # a failed run leaves no (empty) output folder
 
 
+def test_a_run_failing_in_its_first_epoch_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    import patchdp_opacus.segmentation.train as train_module
+
+    def broken(*args, **kwargs):
+        raise ValueError("evaluation failed")
+
+    monkeypatch.setattr(train_module, "evaluate", broken)
+    out = tmp_path / "run"
+    assert main(["train", "--config", write_cfg(tmp_path), "--output", str(out), "--quiet",
+                 "--max-steps", "1"]) == 2
+    assert "evaluation failed" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("argv, needles", [
     (["--set", "training.lr=fast"], ["--set training.lr=fast", "training.lr", "'fast'"]),
     (["--set", "privacy.crop=[505"], ["--set privacy.crop=[505", "not valid YAML"]),

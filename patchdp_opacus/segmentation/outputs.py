@@ -151,19 +151,27 @@ class RunOutputs:
         self.log_train_loss = bool(log_train_loss)
         self.rows: list[dict] = []
         self._tensorboard = None
+        self._pending_config: Optional[str] = None
 
     def _path(self, name: str) -> Path:
+        """Path of ``name`` in the run folder, which the first write creates (together with
+        the pending config.yaml)."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self._pending_config is not None:
+            text, self._pending_config = self._pending_config, None
+            (self.folder / CONFIG_YAML).write_text(text)
         return self.folder / name
 
     # -- config ------------------------------------------------------------------------------
     def write_config(self, cfg, overrides: Sequence[str] = ()) -> None:
+        """config.yaml, written with the run's first result (a run that fails before its first
+        epoch ends leaves no folder behind)."""
         from patchdp_opacus.segmentation.config import dump_config
 
         header = "config of this run (written by patchdp train)"
         if overrides:
             header += "\ncommand-line overrides: " + " ".join(overrides)
-        self._path(CONFIG_YAML).write_text(dump_config(cfg, header))
+        self._pending_config = dump_config(cfg, header)
 
     # -- per epoch ---------------------------------------------------------------------------
     def restore(self, rows: Sequence[dict]) -> float:
