@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import secrets
 import time
 from pathlib import Path
