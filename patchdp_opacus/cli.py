@@ -52,11 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unknown_message(args, unknown: list[str]) -> str:
+    """Unrecognised arguments, pointing to the help of the subcommand they were given to (and
+    to a subcommand's own hint, e.g. ``--set`` for config keys, when it has one)."""
+    command = f"{PROG} {args.command}" if getattr(args, "command", None) else PROG
+    hint = getattr(args, "unknown_hint", None)
+    extra = hint(unknown) if hint else None
+    return (f"unrecognized arguments: {' '.join(unknown)}"
+            + (f"; {extra}" if extra else "") + f" (see '{command} --help')")
+
+
 def main(argv=None) -> int:
     """Run ``patchdp`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            raise UsageError(_unknown_message(args, unknown))
         if getattr(args, "handler", None) is None:
             parser.print_help(sys.stderr)
             return 2

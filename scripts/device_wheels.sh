@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download the Python 3.12 x86-64 wheels that a bare GPU machine lacks (DESIGN.md §7) into .whl/
+# Download the Python 3.12 x86-64 wheels that a bare GPU machine lacks into .whl/
 # (git-ignored), pinned to the versions this project is tested with. Run here, where PyPI is
 # reachable; on the GPU machine, install them without network and use the project from source:
 #

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One stage of the issue-5 GPU benchmark on a bare GPU machine (DESIGN.md §7), sized to fit one
+# One stage of the GPU training benchmark (README, "Faster DP training") on a bare GPU machine
+# (torch installed; opacus, smp, dp-accounting and albumentations not), sized to fit one
 # 10-minute device call. Needs the wheels of scripts/device_wheels.sh in .whl/ (carried along);
 # writes the JSON report and the log to $OUT (or ./bench-out).
 #
@@ -8,8 +9,8 @@
 #   bash scripts/gpu_benchmark.sh pspnet     # PSPNet R101 dilated, frozen BN and GroupNorm
 #   bash scripts/gpu_benchmark.sh deeplab --bf16    # extra flags go to benchmark_training.py
 #
-# The model stages measure non-private and bk only (Opacus hooks, DESIGN.md §5: 0.08-0.32x, would
-# not fit the call); add it with --modes nonprivate,bk,hooks --norms group.
+# The model stages measure non-private and bk only (Opacus hooks are several times slower and
+# would not fit the call); add it with --modes nonprivate,bk,hooks --norms group.
 #
 # Then, here: python scripts/benchmark_training.py --markdown out1.json out2.json ...
 set -euo pipefail

@@ -1,5 +1,5 @@
-"""The shipped configs load, hold the paper's settings (DESIGN.md §4), and the demo needs no
-download."""
+"""The shipped configs load, hold the paper's settings (README, "Reproducing the paper"), and
+the demo needs no download."""
 
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ from patchdp_opacus.privacy.accounting import one_step_profile
 
 
 def closed_form_remove(z, w, eps, s=2.0):
-    """DESIGN.md §1: one-step delta(eps), eps >= 0, of P=(1-w)N(0,z^2)+wN(s,z^2) vs Q=N(0,z^2)."""
+    """One-step delta(eps), eps >= 0, of P=(1-w)N(0,z^2)+wN(s,z^2) vs Q=N(0,z^2) in closed form
+    (README, "The analysis in one paragraph")."""
     x = s / 2 + (z * z / s) * np.log((np.exp(eps) - 1 + w) / w)
     return (1 - w) * norm.sf(x / z) + w * norm.sf((x - s) / z) - np.exp(eps) * norm.sf(x / z)
 
@@ -71,7 +72,7 @@ def test_only_q_times_p_matters_and_p_one_is_record_level():
 
 
 def test_cityscapes_reference_values():
-    """DESIGN.md §1: Cityscapes patch setting, z=1, 100 epochs, delta=1/N gives eps ~ 32.7 (the
+    """Cityscapes patch setting, z=1, 100 epochs, delta=1/N gives eps ~ 32.7 (the
     wrong REPLACE_ONE / two-PMF shortcuts give ~7.3 / ~26.8)."""
     N, B = 2975, 200
     p = inclusion_probability(CropGeometry(505), (1024, 2048), (10, 10)).value
@@ -182,7 +183,7 @@ def test_baselines():
 
 
 # --- Monte Carlo audit of the composed worst case -------------------------------------------
-# DESIGN.md §1 worst case: each step's released (1-d, units of C) output is x ~ P = (1-w)N(0,z^2)
+# Theorem-2 worst case: each step's released (1-d, units of C) output is x ~ P = (1-w)N(0,z^2)
 # + wN(2,z^2) on one data set and x ~ Q = N(0,z^2) on its neighbour.  The true delta of T steps
 # is E_P[(1 - e^{eps - L})_+] with L the summed log-likelihood ratio.  The audit estimates it
 # independently of dp-accounting and checks that the claim is not refuted (estimate - 4 SE <=

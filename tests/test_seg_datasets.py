@@ -19,7 +19,8 @@ from patchdp_opacus.segmentation.datasets import (
 from patchdp_opacus.segmentation.datasets.a2d2 import load_a2d2_groups
 from patchdp_opacus.segmentation.datasets.synthetic import GLYPH_COLOUR, PLATE_COLOUR, SKIN_COLOURS
 
-# DESIGN.md section 4, written out independently of the implementation's table
+# Cityscapes labelIds -> trainIds (the 19 evaluation classes), written out independently of the
+# implementation's table
 TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
              23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 

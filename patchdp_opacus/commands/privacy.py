@@ -505,6 +505,78 @@ def _epsilon_grid(args):
     return np.linspace(lo, hi, int(num))
 
 
+def _draw_profile(args, spec, sched: Schedule, run: PatchDPSGD, grid, curves: dict,
+                  labels: dict, out) -> None:
+    """delta(epsilon) curves on a log axis, clipped at delta = 1, with the usual target
+    delta = 1/N (or --delta when given) as a horizontal line."""
+    import numpy as np
+
+    from patchdp_opacus.commands import _plot
+
+    target = getattr(args, "delta", None) or 1.0 / sched.dataset_size
+    target_label = (f"target delta = {target:.3g}" if getattr(args, "delta", None)
+                    else f"target delta = 1/N = {target:.3g}")
+    fig, ax = _plot.new_figure(
+        f"Privacy profiles of the whole run: z = {args.noise_multiplier:g}, {sched.steps} steps, "
+        f"q = {run.sample_rate:.4g}, {_resampling.short_geometry(spec)}, "
+        f"{spec.region.name} private region {_size_text(spec.region.size)}",
+        "epsilon (nats)", "delta(epsilon), clipped at 1", logy=True)
+    for key, values in curves.items():
+        clipped = np.minimum(values, 1.0)
+        shown = np.where(clipped > 0, clipped, np.nan)  # log scale: delta = 0 is not drawn
+        ax.plot(grid, shown, label=labels[key])
+    ax.axhline(target, color="0.3", ls=":", lw=1.2, label=target_label)
+    positive = [v for vals in curves.values() for v in vals if v > 0] + [target]
+    ax.set_ylim(max(_PROFILE_FLOOR, min(positive)) / 2, 1.0)
+    _plot.save(fig, out)
+
+
+def _draw_sweep(args, sched: Schedule, values, points, noises, record_cache, squares, xs,
+                out, geometry: str) -> None:
+    """epsilon against the swept quantity, one patch-level curve per z with its record-level
+    reference; log axes where the values span a decade or more; the title names the region."""
+    import numpy as np
+
+    from patchdp_opacus.commands import _plot
+
+    kind, k = args.quantity, args.group_size
+    shape = f"{args.patch_shape} private region"
+    fixed = []
+    if kind != "resolution":
+        fixed.append("image " + ", ".join(_size_text(s) for s in args.image_size))
+    if kind != "crop":
+        fixed.append(geometry)
+    fixed.append(shape if kind == "patch" else f"{shape} {_size_text(args.patch_size)}")
+    fixed.append(f"q = {sched.sample_rate:.4g}, {sched.steps} steps")
+    what = f"{args.patch_shape} region size" if kind == "patch" else kind
+    fig, ax = _plot.new_figure(f"epsilon vs {what} ({'; '.join(fixed)})",
+                               _SWEEP_LABELS[kind] + ("" if squares else ", HxW"),
+                               f"epsilon (nats) at delta = {args.delta:.3g}")
+    drawn = []
+    for i, z_fixed in enumerate(noises):
+        color = f"C{i % 10}"
+        mine = [pt for pt in points if kind == "noise" or pt["noise_multiplier"] == z_fixed]
+        eps = [_num(pt["epsilon_patch"], np.nan) for pt in mine]
+        tag = "" if kind == "noise" else f", z = {z_fixed:g}"
+        group = f", {k} regions" if k > 1 else ""
+        ax.plot(xs, eps, "o-", color=color, label=f"patch-level{tag}{group}")
+        drawn += eps
+        if kind == "noise":
+            record = [_num(pt["epsilon_record"], np.nan) for pt in mine]
+            ax.plot(xs, record, "s--", color="C1", label="record-level (p = 1)")
+            drawn += record
+        else:
+            ax.axhline(record_cache[z_fixed], ls="--", color=color, label=f"record-level{tag}")
+            drawn.append(record_cache[z_fixed])
+    if squares and _plot.spans_decades(xs):
+        _plot.log_axis(ax, "x", ticks=xs)
+    if not squares:
+        ax.set_xticks(xs, [_size_text(v) for v in values])
+    if _plot.spans_decades(drawn):
+        _plot.log_axis(ax, "y")
+    _plot.save(fig, out)
+
+
 def cmd_profile(args) -> int:
     import numpy as np
 
@@ -539,17 +611,7 @@ def cmd_profile(args) -> int:
                                        f"TV = {tv:.4g})" if tv is not None else "",
     }
     if out is not None:
-        fig, ax = _plot.new_figure(
-            f"Privacy profiles: z = {args.noise_multiplier:g}, {sched.steps} steps, "
-            f"q = {run.sample_rate:.4g}, {_resampling.short_geometry(spec)}, "
-            f"{spec.region.name} {_size_text(spec.region.size)}",
-            "epsilon (nats)", "delta(epsilon) of the whole run", logy=True)
-        for key, values in curves.items():
-            shown = np.where(values > 0, values, np.nan)  # log scale: delta = 0 is not drawn
-            ax.plot(grid, shown, label=labels[key])
-        positive = [v for vals in curves.values() for v in vals if v > 0]
-        ax.set_ylim(max(_PROFILE_FLOOR, min(positive, default=_PROFILE_FLOOR)) / 2, 2.0)
-        _plot.save(fig, out)
+        _draw_profile(args, spec, sched, run, grid, curves, labels, out)
     payload = {"epsilons": grid.tolist(),
                **{k: [_finite(v) for v in vals] for k, vals in curves.items()},
                "noise_multiplier": args.noise_multiplier, "sigma_data": args.sigma_data,
@@ -679,33 +741,8 @@ def cmd_sweep(args) -> int:
     squares = kind == "noise" or all(v[0] == v[1] for v in values)
     xs = [v if kind == "noise" else v[0] for v in values] if squares else list(range(len(values)))
     if out is not None:
-        fixed = []
-        if kind != "resolution":
-            fixed.append("image " + ", ".join(_size_text(s) for s in args.image_size))
-        if kind != "crop":
-            fixed.append(_resampling.short_geometry(specs[0]))
-        if kind != "patch":
-            fixed.append(f"{args.patch_shape} {_size_text(args.patch_size)}")
-        fixed.append(f"q = {sched.sample_rate:.4g}, {sched.steps} steps")
-        fig, ax = _plot.new_figure(f"epsilon vs {kind} ({'; '.join(fixed)})",
-                                   _SWEEP_LABELS[kind] + ("" if squares else ", HxW"),
-                                   f"epsilon (nats) at delta = {args.delta:.3g}")
-        colors = [f"C{i % 10}" for i in range(len(noises))]
-        for color, z_fixed in zip(colors, noises):
-            mine = [pt for pt in points if kind == "noise" or pt["noise_multiplier"] == z_fixed]
-            eps = [_num(pt["epsilon_patch"], np.nan) for pt in mine]
-            tag = "" if kind == "noise" else f", z = {z_fixed:g}"
-            group = f", {k} regions" if k > 1 else ""
-            ax.plot(xs, eps, "o-", color=color, label=f"patch-level{tag}{group}")
-            if kind == "noise":
-                ax.plot(xs, [_num(pt["epsilon_record"], np.nan) for pt in mine], "s--", color="C1",
-                        label="record-level (p = 1)")
-            else:
-                ax.axhline(record_cache[z_fixed], ls="--", color=color,
-                           label=f"record-level{tag}")
-        if not squares:
-            ax.set_xticks(xs, [_size_text(v) for v in values])
-        _plot.save(fig, out)
+        _draw_sweep(args, sched, values, points, noises, record_cache, squares, xs, out,
+                    _resampling.short_geometry(specs[0]))
 
     payload = {"sweep": kind, "values": [v if kind == "noise" else list(v) for v in values],
                "points": points, "delta": args.delta, "group_size": k,

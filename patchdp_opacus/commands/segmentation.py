@@ -1,16 +1,30 @@
 """``patchdp train`` / ``evaluate`` / ``plot``: the segmentation application.
 
-Heavy imports (torch, opacus, smp, matplotlib) happen inside the handlers."""
+Every input is checked before anything is built (the whole config with its overrides, the
+device, the checkpoint file, the run folders); a bad one is a :class:`UsageError`: one line
+naming the flag or config key, exit code 2.  Heavy imports (torch, opacus, smp, matplotlib)
+happen inside the handlers.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
 from patchdp_opacus.commands import HelpFormatter, UsageError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def register(subparsers) -> None:
@@ -19,22 +33,33 @@ def register(subparsers) -> None:
         help="train a segmentation model with patch-level DP-SGD",
         description="Train with DP-SGD. The noise is calibrated for --epsilon with the chosen "
                     "accounting (patch level, or the record-level baseline: the same training "
-                    "algorithm, a different analysis). Resumes from OUTPUT/checkpoint.pt.")
+                    "algorithm, a different analysis). Resumes from OUTPUT/checkpoint.pt. Any "
+                    "config key can be overridden with --set KEY=VALUE (dotted key, YAML value: "
+                    "--set training.lr=0.1 --set privacy.crop=[505,505]); the flags below are "
+                    "shortcuts for common keys, and --set is applied after them.")
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("--epsilon", type=float, help="target epsilon (nats); overrides the config")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. training.epochs=3")
+    p.add_argument("--epsilon", type=float, help="target epsilon (nats): privacy.epsilon")
     p.add_argument("--accounting", choices=("patch", "record"),
-                   help="analysis used to calibrate the noise; overrides the config")
+                   help="analysis used to calibrate the noise: privacy.accounting")
     p.add_argument("--noise-multiplier", type=float,
                    help="fixed noise multiplier z (std = z*C) instead of calibrating for epsilon")
-    p.add_argument("--seed", type=int, help="seed of model init, batches and crops")
-    p.add_argument("--epochs", type=int, help="override training.epochs")
+    p.add_argument("--seed", type=int,
+                   help="seed of the model initialisation: training.seed (noise, batches and "
+                        "crops come from OS entropy unless privacy.reproducible_noise / "
+                        "privacy.reproducible_sampling)")
+    p.add_argument("--epochs", type=int, help="training.epochs")
     p.add_argument("--max-steps", type=int, help="stop after this many logical steps")
-    p.add_argument("--data-root", help="override dataset.root")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--data-root", help="dataset.root")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto: training.device")
     p.add_argument("--output", help="run folder (default runs/<name>/<accounting>_eps<E>_seed<S>)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(handler=cmd_train)
+    p.add_argument("--json", action="store_true",
+                   help="print the final metrics as one JSON object (progress and logs go to "
+                        "stderr)")
+    p.set_defaults(handler=cmd_train, unknown_hint=_config_key_hint)
 
     e = subparsers.add_parser("evaluate", formatter_class=HelpFormatter,
                               help="pixel accuracy, per-class IoU and mIoU of a checkpoint",
@@ -43,45 +68,93 @@ def register(subparsers) -> None:
     e.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run")
     e.add_argument("--data", help="dataset root (default: the run's config)")
     e.add_argument("--split", default="val", help="dataset split")
-    e.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    e.add_argument("--max-images", type=_positive_int, help="evaluate only the first N images")
     e.add_argument("--device", default="auto", help="cpu, cuda or auto")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(handler=cmd_evaluate)
 
     pl = subparsers.add_parser("plot", formatter_class=HelpFormatter,
                                help="mIoU vs epsilon, patch vs record level (mean ± std over seeds)",
-                               description="Plot runs written by 'patchdp train' (paper Fig. 5).")
+                               description="Plot runs written by 'patchdp train' (paper Fig. 5): "
+                                           "mIoU against the target epsilon, one curve per "
+                                           "accounting, mean ± std over seeds.")
     pl.add_argument("runs", nargs="+", help="run folders (or folders containing them)")
     pl.add_argument("--out", required=True, help="output figure (.png/.pdf/.svg)")
-    pl.add_argument("--json", action="store_true", help="also print the aggregated points")
+    pl.add_argument("--json", action="store_true", help="print the aggregated points as JSON")
     pl.set_defaults(handler=cmd_plot)
 
 
-def _load_cfg(args):
-    from patchdp_opacus.segmentation.config import load_config
+# --------------------------------------------------------------------------- config
 
-    try:
-        cfg = load_config(args.config)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UsageError(f"--config {args.config}: {exc}") from None
+def _config_key_hint(unknown: list[str]):
+    """For ``--lr 0.1`` or ``training.lr=0.1``: the ``--set`` spelling of that config key."""
+    from patchdp_opacus.segmentation.config import known_keys
+
+    for i, arg in enumerate(unknown):
+        name, _, value = arg.lstrip("-").partition("=")
+        name = name.replace("-", "_")
+        if not value and arg.startswith("--") and i + 1 < len(unknown) \
+                and not unknown[i + 1].startswith("-"):
+            value = unknown[i + 1]
+        keys = [k for k in known_keys() if k == name or k.rsplit(".", 1)[-1] == name]
+        if len(keys) == 1:
+            return f"to override a config key use --set {keys[0]}={value or 'VALUE'}"
+    return None
+
+
+def _overrides(args) -> list[tuple[str, object, str]]:
+    """``(dotted key, value, what the user typed)`` for the shortcut flags, then ``--set``."""
+    from patchdp_opacus.segmentation.config import ConfigError, parse_override
+
+    if args.epsilon is not None and args.noise_multiplier is not None:
+        raise UsageError("use either --epsilon (calibrate the noise) or --noise-multiplier")
+    items = []
     if args.epsilon is not None:
-        if not args.epsilon > 0:
-            raise UsageError(f"--epsilon must be > 0, got {args.epsilon}")
-        cfg.privacy.epsilon, cfg.privacy.noise_multiplier = args.epsilon, None
+        items += [("privacy.epsilon", args.epsilon, f"--epsilon {args.epsilon:g}"),
+                  ("privacy.noise_multiplier", None, f"--epsilon {args.epsilon:g}")]
     if args.noise_multiplier is not None:
-        if not args.noise_multiplier > 0:
-            raise UsageError(f"--noise-multiplier must be > 0, got {args.noise_multiplier}")
-        cfg.privacy.noise_multiplier, cfg.privacy.epsilon = args.noise_multiplier, None
-    if args.accounting:
-        cfg.privacy.accounting = args.accounting
-    for flag, attr in (("seed", "seed"), ("epochs", "epochs"), ("max_steps", "max_steps"),
-                       ("device", "device")):
-        if getattr(args, flag) is not None:
-            setattr(cfg.training, attr, getattr(args, flag))
-    if args.data_root:
-        cfg.dataset.root = args.data_root
-    return cfg
+        text = f"--noise-multiplier {args.noise_multiplier:g}"
+        items += [("privacy.noise_multiplier", args.noise_multiplier, text),
+                  ("privacy.epsilon", None, text)]
+    for flag, key in (("accounting", "privacy.accounting"), ("seed", "training.seed"),
+                      ("epochs", "training.epochs"), ("max_steps", "training.max_steps"),
+                      ("device", "training.device"), ("data_root", "dataset.root")):
+        value = getattr(args, flag)
+        if value is not None:
+            items.append((key, value, f"--{flag.replace('_', '-')} {value}"))
+    for text in args.overrides or []:
+        try:
+            key, value = parse_override(text)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+        items.append((key, value, f"--set {text}"))
+    return items
 
+
+def _config_error(args, exc, items) -> UsageError:
+    """One line naming the setting: the flag that set the key, else the config file."""
+    def related(key):
+        return exc.key is not None and (key == exc.key or key.startswith(exc.key + ".")
+                                        or exc.key.startswith(key + "."))
+
+    origin = next((typed for key, _, typed in reversed(items) if related(key)), None)
+    return UsageError(f"{origin or '--config ' + args.config}: {exc}")
+
+
+def _load_cfg(args):
+    from patchdp_opacus.segmentation.config import ConfigError, load_config
+
+    items = _overrides(args)
+    try:
+        cfg = load_config(args.config, [(key, value) for key, value, _ in items])
+    except FileNotFoundError as exc:
+        raise UsageError(f"--config {args.config}: {exc}") from None
+    except ConfigError as exc:
+        raise _config_error(args, exc, items) from None
+    return cfg, items
+
+
+# --------------------------------------------------------------------------- train
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the record (not at set-up)."""
@@ -95,13 +168,21 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _repeated_in_the_next_record(record: logging.LogRecord) -> bool:
+    """The compatibility helper logs the frozen-parameter list, then its report, which lists
+    them again: print the list once (in the report)."""
+    return record.name.endswith("plugin.compat") and str(record.msg).startswith("froze ")
+
+
 def _setup_logging() -> None:
-    """Show the library's INFO messages (epoch summaries, calibration) on stderr, and hide
-    the torch warning every Opacus step triggers because image inputs need no gradient."""
+    """Show the library's INFO messages (epoch summaries, calibration) on stderr, once each,
+    and hide the torch warning every Opacus step triggers because image inputs need no
+    gradient."""
     import warnings
 
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(lambda record: not _repeated_in_the_next_record(record))
     log = logging.getLogger("patchdp_opacus")
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         log.addHandler(handler)
@@ -111,6 +192,38 @@ def _setup_logging() -> None:
                                               "computed with respect to module outputs")
 
 
+class _Bars:
+    """Progress bars of ``patchdp train`` (stderr): one line per epoch that stays on screen,
+    counting logical DP-SGD steps, with the run's epsilon after the epochs so far."""
+
+    def __init__(self):
+        self.bar = None
+        self.epsilon = "epsilon: after the first epoch"
+        self.before = 0
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="step", leave=True,
+                        file=sys.stderr, dynamic_ncols=True,
+                        bar_format="{desc}: {bar:20} {n_fmt}/{total_fmt} logical steps "
+                                   "[{elapsed}<{remaining}]{postfix}")
+        self.bar.set_postfix_str(self.epsilon)
+
+    def step(self, done: int) -> None:
+        self.bar.update(done - self.bar.n)
+
+    def end_epoch(self, row: dict) -> None:
+        from patchdp_opacus.segmentation.outputs import fmt
+
+        self.epsilon = (f"run step {row['steps']}, epsilon patch {fmt(row['epsilon_patch'])} "
+                        f"/ record {fmt(row['epsilon_record'])}")
+        if row.get("miou") is not None:
+            self.epsilon += f", mIoU {fmt(row['miou'], '.3f')}"
+        self.bar.set_postfix_str(self.epsilon)
+        self.bar.close()
+
+
 def default_output(cfg) -> Path:
     level = cfg.privacy.accounting
     tag = f"eps{cfg.privacy.epsilon:g}" if cfg.privacy.epsilon is not None \
@@ -118,83 +231,128 @@ def default_output(cfg) -> Path:
     return Path("runs") / cfg.name / f"{level}_{tag}_seed{cfg.training.seed}"
 
 
-def cmd_train(args) -> int:
-    cfg = _load_cfg(args)
-    from tqdm import tqdm
+def _check_device(name: str, flag: str):
+    from patchdp_opacus.segmentation.config import ConfigError
+    from patchdp_opacus.segmentation.train import resolve_device
 
+    try:
+        return resolve_device(name)
+    except ConfigError as exc:
+        raise UsageError(f"{flag}: {exc.detail}") from None
+
+
+def cmd_train(args) -> int:
+    cfg, items = _load_cfg(args)
+    flag = next((typed for key, _, typed in items if key == "training.device"), None)
+    _check_device(cfg.training.device, flag or f"--config {args.config}: training.device "
+                                               f"{cfg.training.device}")
+    out = Path(args.output) if args.output else default_output(cfg)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out} is a file, not a folder")
+    from patchdp_opacus.segmentation.config import ConfigError
+    from patchdp_opacus.segmentation.outputs import dumps, fmt, iou_table, segments_text
     from patchdp_opacus.segmentation.train import train
 
     _setup_logging()
-    out = Path(args.output) if args.output else default_output(cfg)
-    progress = None if args.quiet else (lambda it: tqdm(it, leave=False, desc="train",
-                                                        file=sys.stderr))
+    existed = out.exists()
     try:
-        final = train(cfg, out, resume=not args.no_resume, progress=progress)
+        final = train(cfg, out, resume=not args.no_resume, progress=None if args.quiet
+                      else _Bars(), overrides=list(dict.fromkeys(typed for _, _, typed in items)))
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise UsageError(f"data: {exc} (set dataset.root in --config or --data-root)") from None
+    except ConfigError as exc:
+        raise _config_error(args, exc, items) from None
     except ValueError as exc:  # geometry, data or configuration the analysis cannot accept
         raise UsageError(f"--config {args.config}: {exc}") from None
+    finally:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed run leaves no empty folder behind
     if "rank" in final:  # a non-zero torchrun rank: rank 0 reports
         return 0
+    if args.json:
+        print(dumps(final))
+        return 0
+    target = (f"noise calibrated for {final['accounting']}-level epsilon "
+              f"{final['target_epsilon']:g}" if final["target_epsilon"] is not None
+              else "fixed noise multiplier")
     print(f"run folder: {out}")
-    print(f"steps {final['steps']}, noise multiplier z = {final['noise_multiplier']:.4g}, "
-          f"delta = {final['delta']:.3g}, noise calibrated for {final['accounting']}-level "
-          f"epsilon {final['target_epsilon']}")
-    print(f"epsilon  patch level: {final['epsilon_patch']:.4g}   "
-          f"record level: {final['epsilon_record']:.4g}")
-    print(f"mIoU {final['miou']:.4f} (majority-class baseline {final['majority_class_miou']:.4f}),"
-          f" pixel accuracy {final['pixel_accuracy']:.4f}")
+    print(f"steps {final['steps']}, noise multiplier {segments_text(final['history_segments'])}"
+          f", delta = {final['delta']:.3g}, {target}")
+    print(f"epsilon  patch level: {fmt(final['epsilon_patch'])}   "
+          f"record level: {fmt(final['epsilon_record'])}")
+    print(f"mIoU {fmt(final['miou'], '.4f')} (majority-class baseline "
+          f"{fmt(final['majority_class_miou'], '.4f')}), pixel accuracy "
+          f"{fmt(final['pixel_accuracy'], '.4f')}")
+    print("per-class IoU (validation):")
+    print(iou_table(final["iou"]))
     if final.get("stopped"):
         print(final["stopped"])
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    path = Path(args.checkpoint)
-    if not path.is_file():
-        raise UsageError(f"--checkpoint {path} does not exist")
+# --------------------------------------------------------------------------- evaluate
+
+def _read_checkpoint(path: Path) -> dict:
     import torch
 
-    from patchdp_opacus.segmentation.config import config_from_dict
-    from patchdp_opacus.segmentation.train import (
-        build_segmentation_model,
-        evaluate,
-        resolve_device,
-    )
-    from patchdp_opacus.segmentation.datasets import build_dataset
+    if not path.is_file():
+        raise UsageError(f"--checkpoint {path} does not exist")
+    try:  # weights_only: plain tensors and containers, no code from the file is run
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UsageError(f"--checkpoint {path} is not a checkpoint written by 'patchdp train' "
+                         f"({type(exc).__name__})") from None
+    if not isinstance(state, dict) or "config" not in state or "module_state_dict" not in state:
+        raise UsageError(f"--checkpoint {path} was not written by 'patchdp train' (no config "
+                         f"or model weights in it)")
+    return state
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if "config" not in state or "module_state_dict" not in state:
-        raise UsageError(f"--checkpoint {path} was not written by 'patchdp train'")
-    cfg = config_from_dict(state["config"], where=str(path))
+
+def cmd_evaluate(args) -> int:
+    path = Path(args.checkpoint)
+    state = _read_checkpoint(path)
+    device = _check_device(args.device, f"--device {args.device}")
+    from patchdp_opacus.segmentation.config import ConfigError, config_from_dict
+    from patchdp_opacus.segmentation.datasets import build_dataset
+    from patchdp_opacus.segmentation.outputs import class_names, dumps, fmt, iou_by_class, \
+        iou_table
+    from patchdp_opacus.segmentation.train import build_segmentation_model, evaluate
+
+    try:
+        cfg = config_from_dict(state["config"])
+    except ConfigError as exc:
+        raise UsageError(f"--checkpoint {path}: its config: {exc}") from None
     if args.data:
         cfg.dataset.root = args.data
-    model, _ = build_segmentation_model(cfg)
-    weights = {k[len("_module."):] if k.startswith("_module.") else k: v
-               for k, v in state["module_state_dict"].items()}
-    model.load_state_dict(weights)
-    device = resolve_device(args.device)
     split_kw = {**cfg.dataset.val, "split": args.split}
     try:
         dataset = build_dataset(cfg.dataset.name, cfg.dataset.root, **split_kw)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
-        raise UsageError(f"data: {exc}") from None
+        raise UsageError(f"data: {exc} (set --data)") from None
+    model, _ = build_segmentation_model(cfg)
+    weights = {k[len("_module."):] if k.startswith("_module.") else k: v
+               for k, v in state["module_state_dict"].items()}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise UsageError(f"--checkpoint {path}: its weights do not fit its config "
+                         f"({str(exc).splitlines()[0]})") from None
     result = evaluate(model.to(device), dataset, cfg.model.num_classes, device,
                       max_images=args.max_images)
-    names = list(getattr(dataset, "class_names", [])) or [str(i) for i in
-                                                          range(cfg.model.num_classes)]
+    result["iou"] = iou_by_class(result["iou"], class_names(dataset, cfg.model.num_classes))
     if args.json:
-        print(json.dumps({**result, "class_names": names}))
+        print(dumps({**result, "checkpoint": str(path), "split": args.split}))
         return 0
-    print(f"images {result['num_images']}, pixel accuracy {result['pixel_accuracy']:.4f}, "
-          f"mIoU {result['miou']:.4f}")
-    for name, iou in zip(names, result["iou"]):
-        print(f"  {name:>14}: {'absent' if math.isnan(iou) else f'{iou:.4f}'}")
+    print(f"images {result['num_images']} ({args.split}), pixel accuracy "
+          f"{fmt(result['pixel_accuracy'], '.4f')}, mIoU {fmt(result['miou'], '.4f')}")
+    print(iou_table(result["iou"]))
     return 0
 
 
+# --------------------------------------------------------------------------- plot
+
 def _run_dirs(paths):
-    from patchdp_opacus.segmentation.train import FINAL_JSON
+    from patchdp_opacus.segmentation.outputs import FINAL_JSON
 
     found = []
     for p in map(Path, paths):
@@ -209,34 +367,76 @@ def _run_dirs(paths):
     return found
 
 
+def _read_final(run: Path) -> dict:
+    from patchdp_opacus.segmentation.outputs import FINAL_JSON
+
+    path = run / FINAL_JSON
+    try:
+        final = json.loads(path.read_text())
+        if not isinstance(final, dict):
+            raise ValueError("not a JSON object")
+        for key in ("accounting", "target_epsilon", "miou"):
+            final[key]  # noqa: B018 - presence check
+    except (ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: not a final_metrics.json written by 'patchdp train' "
+                         f"({type(exc).__name__}: {exc})") from None
+    return final
+
+
 def cmd_plot(args) -> int:
-    from patchdp_opacus.commands._plot import check_out_path, new_figure, save
-    from patchdp_opacus.segmentation.train import FINAL_JSON
+    from patchdp_opacus.commands._plot import check_out_path
 
     out = check_out_path(args.out)
-    points = aggregate_runs(json.loads((d / FINAL_JSON).read_text()) for d in _run_dirs(args.runs))
-    fig, ax = new_figure("mIoU vs privacy budget (mean ± std over seeds)",
-                         "target epsilon (nats)", "mIoU")
-    for level, label in (("patch", "patch-level accounting"), ("record", "record-level (DP-SGD)")):
-        rows = [r for r in points if r["accounting"] == level]
-        if rows:
-            ax.errorbar([r["epsilon"] for r in rows], [r["miou_mean"] for r in rows],
-                        yerr=[r["miou_std"] for r in rows], marker="o", capsize=3, label=label)
-    save(fig, out)
+    finals = [_read_final(d) for d in _run_dirs(args.runs)]
+    points = aggregate_runs(finals)
+    if not points:
+        raise UsageError("no run with a target epsilon (runs with a fixed --noise-multiplier "
+                         "have none) and an mIoU")
+    plot_runs(points, out)
     if args.json:
-        print(json.dumps(points))
+        from patchdp_opacus.segmentation.outputs import dumps
+
+        print(dumps(points))
     else:
-        print(f"wrote {out} ({len(points)} points)")
+        print(f"wrote {out} ({len(points)} points from {len(finals)} runs)")
     return 0
 
 
+def plot_runs(points: list[dict], out: Path) -> None:
+    """mIoU against target epsilon, one curve per accounting, mean ± std over seeds."""
+    from patchdp_opacus.commands._plot import log_axis, new_figure, save, spans_decades
+
+    fig, ax = new_figure("mIoU vs privacy budget: noise calibrated with patch-level or "
+                         "record-level accounting (mean ± std over seeds)",
+                         "target epsilon (nats)", "validation mIoU")
+    for i, (level, label) in enumerate((("patch", "patch-level accounting"),
+                                        ("record", "record-level accounting (DP-SGD)"))):
+        rows = [r for r in points if r["accounting"] == level]
+        if not rows:
+            continue
+        x = [r["epsilon"] for r in rows]
+        mean = [r["miou_mean"] for r in rows]
+        std = [r["miou_std"] for r in rows]
+        seeds = sorted({r["seeds"] for r in rows})
+        seeds_text = "/".join(map(str, seeds))
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=f"C{i}",
+                    label=f"{label}, {seeds_text} seed(s) per point")
+        ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=f"C{i}", alpha=0.15, linewidth=0)
+    xs = [r["epsilon"] for r in points]
+    if spans_decades(xs):
+        log_axis(ax, "x")
+    save(fig, out)
+
+
 def aggregate_runs(finals) -> list[dict]:
-    """Group final metrics by (accounting, target epsilon): mean and std of mIoU over seeds."""
+    """Group final metrics by (accounting, target epsilon): mean and std of mIoU over seeds
+    (runs without a target epsilon or without an mIoU are left out)."""
     import numpy as np
 
     groups: dict = {}
     for f in finals:
-        if f.get("target_epsilon") is None:
+        if f.get("target_epsilon") is None or f.get("miou") is None:
             continue
         groups.setdefault((f["accounting"], float(f["target_epsilon"])), []).append(f["miou"])
     return [{"accounting": a, "epsilon": e, "miou_mean": float(np.mean(v)),

@@ -1,15 +1,29 @@
-"""Experiment configuration: a YAML file read into nested dataclasses with checked fields.
+"""Experiment configuration: a YAML file read into nested dataclasses, every key checked first.
 
 Sizes are ``(height, width)`` in pixels; ``epsilon`` in nats; ``delta`` per run (default 1/N);
-``max_grad_norm`` is the clip norm C; ``noise_multiplier`` z gives noise std z * C.
+``max_grad_norm`` is the clip norm C; ``noise_multiplier`` z gives noise std z * C; ``lr`` is the
+SGD step size; ``seed`` seeds the model's initialisation (and, only when asked for with
+``privacy.reproducible_noise`` / ``privacy.reproducible_sampling``, the noise / the batches and
+crops — a public seed then makes them predictable, which voids the privacy claim).
+
+Validation is table-driven: :data:`CHECKS` maps each dotted key to a check that returns the
+(normalised) value or raises ``ValueError`` with what it expected; :data:`CROSS_CHECKS` holds the
+rules between keys.  A key without a row is type-checked against its default.  Every error is a
+:class:`ConfigError` naming the key (``training.lr: expected a positive number ...``), raised
+before anything is built.  Command-line overrides (``--set training.lr=0.1``) are applied to the
+raw mapping with :func:`apply_overrides` before validation, so they are checked the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import yaml
 
@@ -30,7 +44,7 @@ class ModelConfig:
     num_classes: int = 19
     output_stride: int = 8
     norm: str = "group"
-    aspp_rates: tuple = (12, 24, 36)
+    aspp_rates: list = field(default_factory=lambda: [12, 24, 36])
     extra: dict = field(default_factory=dict)
 
 
@@ -40,12 +54,14 @@ class PrivacyConfig:
     epsilon: Optional[float] = 8.0       # target epsilon; None with noise_multiplier set
     noise_multiplier: Optional[float] = None
     delta: Optional[float] = None        # default 1 / N
-    crop: tuple = (505, 505)
-    padding: tuple = (0, 0)
+    crop: list = field(default_factory=lambda: [505, 505])
+    padding: list = field(default_factory=lambda: [0, 0])
     pad_if_needed: bool = False
     private_region: dict = field(default_factory=lambda: {"shape": "rectangle", "size": [10, 10]})
     max_grad_norm: float = 2.0
     secure_sampling: bool = False
+    reproducible_noise: bool = False     # noise from training.seed: NOT private if it is known
+    reproducible_sampling: bool = False  # batches/crops from training.seed: idem
 
 
 @dataclass
@@ -66,6 +82,7 @@ class TrainingConfig:
     max_eval_images: Optional[int] = None
     device: str = "auto"
     max_steps: Optional[int] = None      # stop early after this many logical steps (smoke runs)
+    log_train_loss: bool = False         # un-noised statistic of private data: NOT covered by ε
 
 
 @dataclass
@@ -77,46 +94,408 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain mapping (lists, dicts, scalars): the YAML/JSON form of the config."""
+        return _plain(dataclasses.asdict(self))
 
 
 _SECTIONS = {"dataset": DatasetConfig, "model": ModelConfig, "privacy": PrivacyConfig,
              "training": TrainingConfig}
 
 
-def _build(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    return cls(**data)
+class ConfigError(ValueError):
+    """A config value that cannot be used; ``key`` is the dotted key (or None for the file)."""
+
+    def __init__(self, key: Optional[str], message: str):
+        self.key = key
+        self.detail = message
+        super().__init__(f"{key}: {message}" if key else message)
 
 
-def config_from_dict(data: dict[str, Any], where: str = "config") -> ExperimentConfig:
-    data = dict(data or {})
-    unknown = sorted(set(data) - {"name", *_SECTIONS})
-    if unknown:
-        raise ValueError(f"{where}: unknown section(s) {unknown}; known: "
-                         f"{['name', *_SECTIONS]}")
-    kwargs = {"name": data.get("name", "experiment")}
-    for key, cls in _SECTIONS.items():
-        kwargs[key] = _build(cls, data.get(key, {}) or {}, f"{where}: {key}")
-    cfg = ExperimentConfig(**kwargs)
-    if cfg.privacy.accounting not in ("patch", "record"):
-        raise ValueError(f"{where}: privacy.accounting must be 'patch' or 'record', got "
-                         f"{cfg.privacy.accounting!r}")
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- value checks
+# A check takes the YAML value and returns it normalised, or raises ValueError(what it expected).
+
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _number(kind: type, *, low=None, low_open=False, high=None, high_open=False, unit=""):
+    def bound_text():
+        parts = []
+        if low is not None:
+            parts.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            parts.append(f"{'<' if high_open else '<='} {high:g}")
+        return " and ".join(parts)
+
+    what = ("an integer" if kind is int else "a number") + (f" {bound_text()}" if
+                                                             bound_text() else "")
+    what += f" ({unit})" if unit else ""
+
+    def check(value):
+        if isinstance(value, bool):
+            raise ValueError(f"expected {what}, got {value}")
+        if kind is int:
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if not isinstance(value, int):
+                raise ValueError(f"expected {what}, got {_shown(value)}")
+        else:
+            if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string; 1/2975 too
+                try:
+                    value = float(Fraction(value.strip()))
+                except (ValueError, ZeroDivisionError):
+                    raise ValueError(f"expected {what}, got {_shown(value)}") from None
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"expected {what}, got {_shown(value)}")
+            value = float(value)
+        if low is not None and (value <= low if low_open else value < low):
+            raise ValueError(f"expected {what}, got {value}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise ValueError(f"expected {what}, got {value}")
+        return value
+    return check
+
+
+def _optional(check):
+    def wrapped(value):
+        return None if value is None else check(value)
+    return wrapped
+
+
+def _boolean(value):
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_shown(value)}")
+    return value
+
+
+def _string(value):
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {_shown(value)}")
+    return value
+
+
+def _mapping(value):
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping such as {{key: value}}, got {_shown(value)}")
+    return dict(value)
+
+
+def _one_of(*choices):
+    def check(value):
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(map(str, choices))}; got "
+                             f"{_shown(value)}")
+        return value
+    return check
+
+
+def _registry(module: str, attribute: str, what: str):
+    """Name registered in ``module.attribute`` (imported only when the check runs)."""
+    def check(value):
+        import importlib
+
+        names = sorted(getattr(importlib.import_module(module), attribute))
+        if not isinstance(value, str) or value.lower() not in names:
+            raise ValueError(f"unknown {what} {_shown(value)}; known: {', '.join(names)}")
+        return value.lower()
+    return check
+
+
+def _int_list(minimum: int, length: Optional[int], unit: str):
+    item = _number(int, low=minimum, unit=unit)
+    shape = f"[{', '.join(['n'] * length)}]" if length else "a list of integers"
+
+    def check(value):
+        if not isinstance(value, (list, tuple)) or (length and len(value) != length) \
+                or not value:
+            raise ValueError(f"expected {shape} ({unit}, each >= {minimum}), got {_shown(value)}")
+        try:
+            return [item(v) for v in value]
+        except ValueError:
+            raise ValueError(f"expected {shape} ({unit}, each >= {minimum}), got "
+                             f"{_shown(value)}") from None
+    return check
+
+
+def _encoder_name(value):
+    value = _string(value)
+    if value.startswith("tu-"):  # timm encoders through smp
+        return value
+    from segmentation_models_pytorch.encoders import encoders
+
+    if value not in encoders:
+        close = difflib.get_close_matches(value, list(encoders), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown segmentation-models-pytorch encoder {value!r}{hint}")
+    return value
+
+
+def _private_region(value):
+    from patchdp_opacus.privacy import region_from_dict
+
+    value = _mapping(value)
+    try:
+        region_from_dict(value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{exc}; expected e.g. {{shape: rectangle, size: [10, 10]}}, "
+                         f"{{shape: circle, diameter: 21}}") from None
+    return value
+
+
+def _device(value):
+    value = _string(value)
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def _grad_sample_mode(value):
+    from patchdp_opacus.fast import FAST_MODES
+
+    return _one_of("hooks", "functorch", "ew", "ghost", *sorted(FAST_MODES))(value)
+
+
+_pixels, _pixels0 = _int_list(1, 2, "pixels, height and width"), \
+    _int_list(0, 2, "pixels, height and width")
+_positive = _number(float, low=0, low_open=True)
+_count = _number(int, low=1)
+
+#: dotted key -> check.  A new config key is one row (a key without a row is type-checked
+#: against its default value).
+CHECKS: dict[str, Callable[[Any], Any]] = {
+    "name": _string,
+    "dataset.name": _registry("patchdp_opacus.segmentation.datasets", "DATASETS", "dataset"),
+    "dataset.root": _optional(_string),
+    "dataset.train": _mapping,
+    "dataset.val": _mapping,
+    "model.arch": _registry("patchdp_opacus.segmentation.models", "ARCHITECTURES",
+                            "architecture"),
+    "model.encoder_name": _encoder_name,
+    "model.encoder_weights": _optional(_string),
+    "model.num_classes": _count,
+    "model.output_stride": _one_of(8, 16, 32),
+    "model.norm": _one_of("group", "frozen"),
+    "model.aspp_rates": _int_list(1, None, "dilation rates"),
+    "model.extra": _mapping,
+    "privacy.accounting": _one_of("patch", "record"),
+    "privacy.epsilon": _optional(_number(float, low=0, low_open=True, unit="nats")),
+    "privacy.noise_multiplier": _optional(_number(float, low=0, low_open=True,
+                                                  unit="noise std = z*C")),
+    "privacy.delta": _optional(_number(float, low=0, low_open=True, high=1, high_open=True,
+                                       unit="per run")),
+    "privacy.crop": _pixels,
+    "privacy.padding": _pixels0,
+    "privacy.pad_if_needed": _boolean,
+    "privacy.private_region": _private_region,
+    "privacy.max_grad_norm": _number(float, low=0, low_open=True, unit="clip norm C"),
+    "privacy.secure_sampling": _boolean,
+    "privacy.reproducible_noise": _boolean,
+    "privacy.reproducible_sampling": _boolean,
+    "training.epochs": _count,
+    "training.batch_size": _count,
+    "training.max_physical_batch_size": _count,
+    "training.lr": _number(float, low=0, low_open=True, unit="learning rate"),
+    "training.momentum": _number(float, low=0, high=1, high_open=True),
+    "training.weight_decay": _number(float, low=0),
+    "training.optimizer": _one_of("sgd"),
+    "training.grad_sample_mode": _grad_sample_mode,
+    "training.fast_options": _mapping,
+    "training.num_workers": _number(int, low=0),
+    "training.seed": _number(int, low=0),
+    "training.eval_every": _number(int, low=1, unit="epochs"),
+    "training.eval_batch_size": _count,
+    "training.max_eval_images": _optional(_count),
+    "training.device": _device,
+    "training.max_steps": _optional(_number(int, low=1, unit="logical steps")),
+    "training.log_train_loss": _boolean,
+}
+
+
+def _dataset_arguments(cfg: "ExperimentConfig"):
+    """dataset.train / dataset.val keys must be arguments of the dataset class."""
+    import inspect
+
+    from patchdp_opacus.segmentation.datasets import DATASETS
+
+    params = inspect.signature(DATASETS[cfg.dataset.name]).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    known = [n for n in params if n not in ("self", "root")]
+    for split in ("train", "val"):
+        for key in getattr(cfg.dataset, split):
+            if key not in known:
+                raise ConfigError(f"dataset.{split}.{key}",
+                                  f"not an argument of the {cfg.dataset.name} dataset; known: "
+                                  f"{', '.join(known)}")
+
+
+def _one_noise_setting(cfg: "ExperimentConfig"):
     if (cfg.privacy.epsilon is None) == (cfg.privacy.noise_multiplier is None):
-        raise ValueError(f"{where}: set exactly one of privacy.epsilon (calibrate the noise) and "
-                         f"privacy.noise_multiplier")
+        raise ConfigError("privacy.epsilon", "set exactly one of privacy.epsilon (calibrate the "
+                          "noise) and privacy.noise_multiplier (null for the other)")
+
+
+def _secure_or_reproducible(cfg: "ExperimentConfig"):
+    if cfg.privacy.secure_sampling and cfg.privacy.reproducible_sampling:
+        raise ConfigError("privacy.reproducible_sampling", "cannot be true together with "
+                          "privacy.secure_sampling (OS randomness cannot be replayed)")
+
+
+#: Rules between keys: each raises ConfigError naming a key.
+CROSS_CHECKS: list[Callable[["ExperimentConfig"], None]] = [
+    _one_noise_setting, _secure_or_reproducible, _dataset_arguments]
+
+
+# --------------------------------------------------------------------------- building
+
+def known_keys() -> list[str]:
+    """Every dotted key a config may set (``name`` and ``section.field``)."""
+    keys = ["name"]
+    for section, cls in _SECTIONS.items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _default_check(default):
+    """Type check for a key without a row in :data:`CHECKS`, from its default value."""
+    if isinstance(default, bool):
+        return _boolean
+    if isinstance(default, (int, float)):
+        return _number(type(default))
+    if isinstance(default, str):
+        return _string
+    if isinstance(default, dict):
+        return _mapping
+    return lambda value: value
+
+
+def _unknown(key: str, known: Iterable[str]) -> ConfigError:
+    """Unknown ``key``: the closest known key, and the keys its section knows."""
+    known = list(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    section = key.rpartition(".")[0]
+    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == section]
+    where = f"{section} keys" if section else "sections"
+    return ConfigError(key, f"unknown key{hint} ({where}: {', '.join(siblings)})")
+
+
+def _build(section: str, cls, data) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(section, f"expected a mapping of settings, got {_shown(data)}")
+    defaults = cls()
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        dotted = f"{section}.{key}"
+        if key not in names:
+            raise _unknown(dotted, known_keys())
+        check = CHECKS.get(dotted) or _default_check(getattr(defaults, key))
+        try:
+            values[key] = check(value)
+        except ValueError as exc:
+            raise ConfigError(dotted, str(exc)) from None
+    return cls(**values)
+
+
+def config_from_dict(data: Optional[dict], where: str = "config") -> ExperimentConfig:
+    """Check every key of ``data`` and build the config; raises :class:`ConfigError`.
+
+    ``where`` is kept for callers that prefix errors themselves (the message names the key)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(None, f"expected a mapping of sections (name, dataset, model, privacy, "
+                                f"training), got {type(data).__name__}")
+    unknown = [k for k in data if k != "name" and k not in _SECTIONS]
+    if unknown:
+        raise _unknown(str(unknown[0]), ["name", *_SECTIONS])
+    try:
+        name = CHECKS["name"](data.get("name", "experiment"))
+    except ValueError as exc:
+        raise ConfigError("name", str(exc)) from None
+    kwargs = {key: _build(key, cls, data.get(key) or {}) for key, cls in _SECTIONS.items()}
+    cfg = ExperimentConfig(name=name, **kwargs)
+    for rule in CROSS_CHECKS:
+        rule(cfg)
     return cfg
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"training.lr=0.1"`` -> ``("training.lr", 0.1)``: the value is read as YAML
+    (``[505, 505]``, ``null``, ``true``, ``{split: val}``)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
+        raise ConfigError(None, f"--set {text}: expected KEY=VALUE with a dotted key, e.g. "
+                                f"training.lr=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(None, f"--set {text}: the value is not valid YAML "
+                                f"({_yaml_problem(exc)})") from None
+    return key, value
+
+
+def apply_overrides(data: Optional[dict], overrides: Iterable[tuple[str, Any]]) -> dict:
+    """A copy of ``data`` with each ``(dotted key, value)`` set (inner mappings created)."""
+    import copy
+
+    data = copy.deepcopy(data) if data is not None else {}
+    if not isinstance(data, dict):
+        return data  # config_from_dict reports it
+    for key, value in overrides:
+        parts = key.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(parts[:i + 1]), f"is {_shown(child)}, not a mapping: "
+                                                           f"cannot set {key}")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{problem}{where}"
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The raw YAML of a config file; a missing or malformed file raises one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    return config_from_dict(data, where=str(path))
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(None, f"not valid YAML: {_yaml_problem(exc)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(None, "not a YAML text file") from None
+
+
+def load_config(path: str | Path, overrides: Iterable[tuple[str, Any]] = ()) -> ExperimentConfig:
+    """Read, override (``(dotted key, value)`` pairs) and check a YAML config."""
+    return config_from_dict(apply_overrides(read_yaml(path), overrides), where=str(path))
+
+
+def dump_config(cfg: ExperimentConfig, header: str = "") -> str:
+    """The config as YAML text (``header`` lines become comments)."""
+    comments = "".join(f"# {line}\n" for line in header.splitlines())
+    return comments + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)

@@ -12,19 +12,25 @@ One function, :func:`train`, does what ``patchdp train`` does:
    every ``eval_every`` epochs on full-resolution validation images, checkpoint every epoch and
    resume from the last checkpoint;
 4. stop cleanly before an epoch whose steps would take epsilon past the target;
-5. write ``metrics.csv``, ``privacy_report.json`` / ``.txt``, ``final_metrics.json`` and a
-   prediction PNG into the output folder.
+5. hand every number to :class:`~patchdp_opacus.segmentation.outputs.RunOutputs`, which writes
+   the run folder.
+
+Nothing computed from private training batches leaves the loop un-noised unless
+``training.log_train_loss`` asks for the loss (then marked "not covered by epsilon").  The seed
+initialises the model; the noise and the batches/crops come from OS entropy unless
+``privacy.reproducible_noise`` / ``privacy.reproducible_sampling`` derive them from the seed
+(for debugging: whoever knows the seed can then subtract the noise).  The checkpoint is a
+private artefact and holds no noise RNG state unless the noise is reproducible anyway.
 """
 
 from __future__ import annotations
 
-import csv
-import json
+import datetime
 import logging
-import math
+import secrets
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,27 +38,41 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 
 from patchdp_opacus.plugin.engine import PrivacyEngine
-from patchdp_opacus.privacy import PatchDPSGD, accounting, region_from_dict
-from patchdp_opacus.segmentation.config import ExperimentConfig
+from patchdp_opacus.privacy import CropGeometry, PatchDPSGD, accounting, region_from_dict
+from patchdp_opacus.segmentation import outputs
+from patchdp_opacus.segmentation.config import ConfigError, ExperimentConfig
 from patchdp_opacus.segmentation.datasets import build_dataset
 from patchdp_opacus.segmentation.losses import PerImageCrossEntropy
 from patchdp_opacus.segmentation.metrics import ConfusionMatrix
 from patchdp_opacus.segmentation.models import build_model
+from patchdp_opacus.segmentation.outputs import FINAL_JSON, LOSS_COLUMN  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-REPORT_JSON = "privacy_report.json"
-REPORT_TXT = "privacy_report.txt"
-METRICS_CSV = "metrics.csv"
-FINAL_JSON = "final_metrics.json"
-PREDICTION_PNG = "prediction.png"
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; a device this
+    machine does not have raises a ``ConfigError`` naming ``training.device``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError("training.device", f"unknown device {name!r}; use auto, cpu, cuda or "
+                                             f"cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError("training.device", "no CUDA GPU is visible on this machine "
+                                                 "(torch.cuda.is_available() is False); use "
+                                                 "cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError("training.device", f"only {count} CUDA GPU(s) are visible, {name} is not one of them")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("training.device", "MPS is not available; use cpu or auto")
+    return device
 
 
 def init_distributed(device_name: str):
@@ -75,20 +95,42 @@ def init_distributed(device_name: str):
 
 
 def build_datasets(cfg: ExperimentConfig):
+    """Train and val data sets; a bad dataset argument raises a ``ConfigError`` naming
+    ``dataset.train`` / ``dataset.val`` (a missing folder raises ``FileNotFoundError``)."""
     d = cfg.dataset
-    train_set = build_dataset(d.name, d.root, **{"split": "train", **d.train})
-    val_set = build_dataset(d.name, d.root, **{"split": "val", **d.val})
+    sets = []
+    for split in ("train", "val"):
+        try:
+            sets.append(build_dataset(d.name, d.root, **{"split": split, **getattr(d, split)}))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"dataset.{split}", str(exc)) from None
+    train_set, val_set = sets
     if len(train_set) == 0:
-        raise ValueError(f"training split of dataset {d.name!r} at {d.root} is empty")
+        raise ConfigError("dataset.train", f"the training split of dataset {d.name!r} at "
+                                           f"{d.root} is empty")
+    crop = CropGeometry(tuple(cfg.privacy.crop), tuple(cfg.privacy.padding),
+                        cfg.privacy.pad_if_needed)
+    for size in sorted(getattr(train_set, "image_sizes", ())):  # before the model is built
+        try:
+            crop.axes(tuple(size))
+        except ValueError as exc:
+            raise ConfigError("privacy.crop", f"{exc} (training image size {tuple(size)})") \
+                from None
     return train_set, val_set
 
 
 def build_segmentation_model(cfg: ExperimentConfig):
     m = cfg.model
-    return build_model(m.arch, encoder_name=m.encoder_name, encoder_weights=m.encoder_weights,
-                       num_classes=m.num_classes, output_stride=m.output_stride, norm=m.norm,
-                       aspp_rates=tuple(m.aspp_rates), return_report=True,
-                       check_input_size=tuple(cfg.privacy.crop), **m.extra)
+    try:
+        return build_model(m.arch, encoder_name=m.encoder_name,
+                           encoder_weights=m.encoder_weights, num_classes=m.num_classes,
+                           output_stride=m.output_stride, norm=m.norm,
+                           aspp_rates=tuple(m.aspp_rates), return_report=True,
+                           check_input_size=tuple(cfg.privacy.crop), **m.extra)
+    except TypeError as exc:  # an unknown model.extra argument
+        if not m.extra:
+            raise
+        raise ConfigError("model.extra", str(exc)) from None
 
 
 @torch.no_grad()
@@ -123,58 +165,69 @@ def _epsilon_after(history, p: float, extra_steps: int, z: float, q: float, delt
     return accounting.epsilon(runs, delta)
 
 
-def _write_report(out: Path, engine: PrivacyEngine, cfg: ExperimentConfig, delta: float,
-                  extra: dict) -> dict:
-    report = engine.privacy_report(delta)
-    report.update(extra)
-    report["target"] = getattr(engine, "target", None)
-    report["config_name"] = cfg.name
-    (out / REPORT_JSON).write_text(json.dumps(report, indent=2, default=str))
-    geo = report.get("geometry", {})
-    lines = [
-        f"patch-level DP-SGD privacy report ({cfg.name})",
-        f"relation: {report['relation']}; sampling: {report['sampling']}",
-        f"crop {geo.get('crop', {}).get('crop_size')} padding {geo.get('crop', {}).get('padding')}"
-        f" pad_if_needed {geo.get('crop', {}).get('pad_if_needed')}; image sizes "
-        f"{geo.get('image_sizes')}; private region {geo.get('region')}",
-        f"p = {geo.get('inclusion_fraction')} = {geo.get('inclusion_probability')}",
-        f"N = {report.get('dataset_size')}, B = {report.get('batch_size')}, "
-        f"q = {report.get('sample_rate')}, w = q*p = {report.get('effective_sample_rate')}",
-        f"noise multiplier z = {report['noise_multiplier']} (std = z*C), C = "
-        f"{report['max_grad_norm']}, steps = {report['steps']}, delta = {delta}",
-        f"epsilon (patch level)  = {report['epsilon_patch']}",
-        f"epsilon (record level) = {report['epsilon_record']}",
-    ]
-    if geo.get("unchecked_transforms"):
-        lines.append(f"UNCHECKED transforms accepted by override: {geo['unchecked_transforms']}")
-    (out / REPORT_TXT).write_text("\n".join(lines) + "\n")
-    return report
+def _model_seed(cfg: ExperimentConfig, epoch: int) -> Optional[int]:
+    """Seed of torch's global RNG (dropout, anything else the model draws) for ``epoch``:
+    derived from the config seed when the noise is reproducible anyway (a resumed run then
+    equals an uninterrupted one), else None (OS entropy: Opacus draws its noise from that RNG
+    when no generator is given, so it must not be predictable)."""
+    if not cfg.privacy.reproducible_noise:
+        return None
+    return int(np.random.SeedSequence([cfg.training.seed, epoch]).generate_state(1)[0])
+
+
+def _sampling_seed(cfg: ExperimentConfig, world: int) -> Optional[int]:
+    """The loader's seed: the config seed when sampling is reproducible; otherwise None (the
+    engine draws batches and crops from OS entropy) or, with several ranks, which must draw the
+    same global batch, a fresh secret seed from rank 0."""
+    if cfg.privacy.reproducible_sampling:
+        return cfg.training.seed
+    if world == 1 or cfg.privacy.secure_sampling:
+        return None
+    shared = [secrets.randbits(63)]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return int(shared[0])
+
+
+class Progress:
+    """What :func:`train` reports while it runs (the CLI draws progress bars from it).
+
+    ``start_epoch(epoch, epochs, steps)`` (1-based epoch, logical steps in it),
+    ``step(done)`` after each logical step (logical steps done in this epoch) and
+    ``end_epoch(row)`` with the epoch's metrics row.  Nothing in them depends on private data
+    beyond what ``metrics.csv`` holds."""
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
+
+    def step(self, done: int) -> None: ...
+
+    def end_epoch(self, row: dict) -> None: ...
 
 
 def train(cfg: ExperimentConfig, output_dir: str | Path, *, resume: bool = True,
-          progress: Optional[Callable] = None) -> dict:
-    """Run (or resume) one private training run; returns the final metrics and report.
+          progress: Optional[Progress] = None, overrides: Sequence[str] = ()) -> dict:
+    """Run (or resume) one private training run; returns the final metrics.
 
-    ``progress``: optional wrapper for iterables (e.g. ``tqdm``) used for the batch loop."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ``progress``: a :class:`Progress` (e.g. the CLI's bars); ``overrides``: the command-line
+    overrides, recorded in the run's config.yaml and privacy report.  The output folder is
+    created at the first write."""
+    out = outputs.RunOutputs(output_dir, log_train_loss=cfg.training.log_train_loss)
+    progress = progress or Progress()
     t, pcfg = cfg.training, cfg.privacy
     device, rank, world = init_distributed(t.device)
     is_main = rank == 0
-    torch.manual_seed(t.seed)
+    started = time.time()
+    torch.manual_seed(t.seed)  # model initialisation
     np.random.seed(t.seed)
 
     train_set, val_set = build_datasets(cfg)
     model, compat = build_segmentation_model(cfg)
-    logger.info("model compatibility changes: %s", compat)
+    torch.seed()  # nothing after the initialisation may be predictable from the config seed
     model = model.to(device)
     if world > 1:  # the global batch B is split across ranks by the crop-aware loader
         from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
         model = DPDDP(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    if t.optimizer != "sgd":
-        raise ValueError(f"training.optimizer {t.optimizer!r} is not supported; use 'sgd'")
     optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     base_loader = DataLoader(train_set, batch_size=t.batch_size, num_workers=t.num_workers,
                              pin_memory=device.type == "cuda")
@@ -182,12 +235,15 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, *, resume: bool = True,
     delta = pcfg.delta if pcfg.delta is not None else 1.0 / n
     criterion = PerImageCrossEntropy(reduction="mean")
     engine = PrivacyEngine(secure_mode=pcfg.secure_sampling)
+    noise_generator = torch.Generator(device=device).manual_seed(t.seed) \
+        if pcfg.reproducible_noise else None
     common = dict(module=model, optimizer=optimizer, data_loader=base_loader,
                   criterion=criterion, max_grad_norm=pcfg.max_grad_norm,
                   crop=tuple(pcfg.crop), padding=tuple(pcfg.padding),
                   pad_if_needed=pcfg.pad_if_needed,
                   private_region=region_from_dict(pcfg.private_region),
-                  seed=t.seed, grad_sample_mode=t.grad_sample_mode)
+                  seed=_sampling_seed(cfg, world), noise_generator=noise_generator,
+                  grad_sample_mode=t.grad_sample_mode)
     if t.fast_options:
         common["fast_options"] = dict(t.fast_options)
     if pcfg.noise_multiplier is not None:
@@ -203,16 +259,18 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, *, resume: bool = True,
     level_p = p if pcfg.accounting == "patch" else 1.0
     budget = pcfg.epsilon
 
-    start_epoch, history_rows = 0, []
-    ckpt = out / CHECKPOINT
+    start_epoch, elapsed_before = 0, 0.0
+    ckpt = Path(output_dir) / CHECKPOINT
     if resume and ckpt.exists():
         state = engine.load_checkpoint(path=ckpt, module=model, optimizer=optimizer)
         start_epoch = int(state["epoch"]) + 1
-        history_rows = list(state.get("metrics_rows", []))
-        if "torch_rng_state" in state:  # Opacus draws its noise from torch's global generator
-            torch.set_rng_state(state["torch_rng_state"])
-        logger.info("resumed from %s at epoch %d (%d steps accounted)", ckpt, start_epoch,
+        elapsed_before = out.restore(state.get("metrics_rows", []))
+        if noise_generator is not None and "noise_generator_state" in state:
+            noise_generator.set_state(state["noise_generator_state"])
+        logger.info("resumed from %s at epoch %d (%d steps accounted)", ckpt, start_epoch + 1,
                     len(engine.accountant))
+    if is_main:
+        out.write_config(cfg, overrides)
 
     num_classes = cfg.model.num_classes
     stopped_reason = None
@@ -222,118 +280,90 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, *, resume: bool = True,
             eps_next = _epsilon_after(engine.accountant.history, p, len(loader), z, q, delta,
                                       level_p)
             if eps_next > budget * (1 + 1e-9):
-                stopped_reason = (f"stopped before epoch {epoch}: its {len(loader)} steps would "
-                                  f"take {pcfg.accounting}-level epsilon to {eps_next:.4g} > "
-                                  f"budget {budget}")
+                stopped_reason = (f"stopped before epoch {epoch + 1}: its {len(loader)} steps "
+                                  f"would take {pcfg.accounting}-level epsilon to "
+                                  f"{eps_next:.4g} > budget {budget}")
                 logger.warning(stopped_reason)
                 break
+        seed = _model_seed(cfg, epoch)
+        if seed is None:
+            torch.seed()  # OS entropy
+        else:
+            torch.manual_seed(seed)
         model.train()
-        t0, losses = time.time(), []
+        t0, losses, first_step = time.time(), [], len(engine.accountant)
+        progress.start_epoch(epoch + 1, t.epochs, len(loader))
         with BatchMemoryManager(data_loader=loader, max_physical_batch_size=t.max_physical_batch_size,
                                 optimizer=optimizer) as mem_loader:
-            it = progress(mem_loader) if progress else mem_loader
-            for images, masks in it:
+            for images, masks in mem_loader:
                 images, masks = images.to(device), masks.to(device)
                 optimizer.zero_grad(set_to_none=True)
                 loss = criterion(model(images), masks)
                 loss.backward()
                 optimizer.step()
-                losses.append(loss.item())
+                if t.log_train_loss:  # opt-in: an un-noised statistic of private batches
+                    losses.append(loss.item())
                 # the accountant only grows when a logical step completes (last chunk)
+                progress.step(len(engine.accountant) - first_step)
                 if t.max_steps is not None and len(engine.accountant) >= t.max_steps:
                     break
         if world > 1:
             torch.distributed.barrier()
-        row = {"epoch": epoch, "steps": len(engine.accountant),
-               "train_loss": float(np.mean(losses)) if losses else math.nan,
+        row = {"epoch": epoch + 1, "steps": len(engine.accountant),
+               "lr": optimizer.param_groups[0]["lr"],
                "epsilon_patch": engine.get_epsilon(delta),
                "epsilon_record": engine.get_epsilon(delta, level="record"),
-               "seconds": round(time.time() - t0, 2), "miou": "", "pixel_accuracy": ""}
-        if is_main and ((epoch + 1) % max(t.eval_every, 1) == 0 or epoch + 1 == t.epochs):
+               "miou": None, "pixel_accuracy": None}
+        if is_main and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs):
             last_eval = evaluate(model, val_set, num_classes, device,
                                  batch_size=t.eval_batch_size, max_images=t.max_eval_images)
             row.update(miou=last_eval["miou"], pixel_accuracy=last_eval["pixel_accuracy"])
-        history_rows.append(row)
+        row.update(epoch_seconds=round(time.time() - t0, 2),
+                   elapsed_seconds=round(elapsed_before + time.time() - started, 2),
+                   time=datetime.datetime.now().isoformat(timespec="seconds"))
+        if t.log_train_loss:
+            row[LOSS_COLUMN] = float(np.mean(losses)) if losses else None
         if is_main:
-            _write_csv(out / METRICS_CSV, history_rows)
-            _log_tensorboard(out, row)
+            out.add_epoch(row)
+            extra = {"epoch": epoch, "metrics_rows": out.rows, "config": cfg.to_dict()}
+            if noise_generator is not None:  # public anyway: the noise is reproducible
+                extra["noise_generator_state"] = noise_generator.get_state()
             engine.save_checkpoint(path=ckpt, module=model, optimizer=optimizer,
-                                   checkpoint_dict={"epoch": epoch, "metrics_rows": history_rows,
-                                                    "config": cfg.to_dict(),
-                                                    "torch_rng_state": torch.get_rng_state()})
+                                   checkpoint_dict=extra)
         if world > 1:
             torch.distributed.barrier()
-        logger.info("epoch %d: loss %.4f, eps patch %.4g / record %.4g, mIoU %s", epoch,
-                    row["train_loss"], row["epsilon_patch"], row["epsilon_record"], row["miou"])
+        progress.end_epoch(row)
+        logger.info("epoch %d/%d: %d steps, epsilon patch %s / record %s, lr %g, mIoU %s%s",
+                    epoch + 1, t.epochs, row["steps"], outputs.fmt(row["epsilon_patch"]),
+                    outputs.fmt(row["epsilon_record"]), row["lr"], outputs.fmt(row["miou"]),
+                    f", train loss {outputs.fmt(row[LOSS_COLUMN])} (not covered by epsilon)"
+                    if t.log_train_loss else "")
         if t.max_steps is not None and len(engine.accountant) >= t.max_steps:
             stopped_reason = f"stopped after max_steps={t.max_steps} logical steps"
             break
+    out.close()
 
     if not is_main:
         return {"rank": rank, "steps": len(engine.accountant)}
     if last_eval is None:
         last_eval = evaluate(model, val_set, num_classes, device, batch_size=t.eval_batch_size,
                              max_images=t.max_eval_images)
-    report = _write_report(out, engine, cfg, delta, {
-        "accounting_used_for_noise": pcfg.accounting, "stopped": stopped_reason,
-        "model_changes": str(compat), "device": str(device)})
+    report = out.write_report(outputs.run_report(
+        {**engine.privacy_report(delta), "target": engine.target}, config_name=cfg.name,
+        accounting=pcfg.accounting, stopped=stopped_reason, model_changes=compat.as_dict(),
+        device=str(device), reproducible_noise=pcfg.reproducible_noise,
+        reproducible_sampling=pcfg.reproducible_sampling,
+        secure_sampling=pcfg.secure_sampling, log_train_loss=t.log_train_loss,
+        overrides=overrides))
+    names = outputs.class_names(val_set, num_classes)
     final = {"miou": last_eval["miou"], "pixel_accuracy": last_eval["pixel_accuracy"],
-             "iou": last_eval["iou"], "majority_class_miou": last_eval["majority_class_miou"],
-             "class_names": list(getattr(val_set, "class_names", [])),
+             "iou": outputs.iou_by_class(last_eval["iou"], names),
+             "majority_class_miou": last_eval["majority_class_miou"],
              "epsilon_patch": report["epsilon_patch"], "epsilon_record": report["epsilon_record"],
              "target_epsilon": budget, "accounting": pcfg.accounting, "delta": delta,
-             "steps": report["steps"], "noise_multiplier": z, "seed": t.seed,
-             "stopped": stopped_reason}
-    (out / FINAL_JSON).write_text(json.dumps(final, indent=2))
-    save_prediction_png(model, val_set, device, out / PREDICTION_PNG)
-    return final
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _log_tensorboard(out: Path, row: dict) -> None:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed: CSV only
-        return
-    with SummaryWriter(log_dir=str(out / "tensorboard")) as w:
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and k != "epoch":
-                w.add_scalar(k, v, row["steps"])
-
-
-CITYSCAPES_PALETTE = np.array([
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-    (0, 80, 100), (0, 0, 230), (119, 11, 32)], dtype=np.uint8)
-
-
-def colorize(mask: np.ndarray) -> np.ndarray:
-    """Class ids (H, W) → RGB with the Cityscapes palette; ignored / unknown ids black."""
-    out = np.zeros((*mask.shape, 3), dtype=np.uint8)
-    valid = (mask >= 0) & (mask < len(CITYSCAPES_PALETTE))
-    out[valid] = CITYSCAPES_PALETTE[mask[valid]]
-    return out
-
-
-@torch.no_grad()
-def save_prediction_png(model, dataset, device, path: Path, index: int = 0) -> None:
-    """Image | ground truth | prediction, side by side, as one PNG."""
-    from PIL import Image
-
-    if len(dataset) == 0:
-        return
-    was_training = model.training
-    model.eval()
-    image, mask = dataset[index]
-    pred = model(image.unsqueeze(0).to(device)).argmax(1)[0].cpu().numpy()
-    model.train(was_training)
-    img = image.permute(1, 2, 0).numpy().astype(np.uint8)
-    panel = np.concatenate([img, colorize(mask.numpy()), colorize(pred)], axis=1)
-    Image.fromarray(panel).save(path)
+             "steps": report["steps"], "noise_multiplier": report["noise_multiplier"],
+             "history_segments": report["history_segments"], "seed": t.seed,
+             "stopped": stopped_reason, "output": str(output_dir)}
+    out.write_final(final)
+    out.write_prediction(model, val_set, device, names)
+    return outputs.json_safe(final)
