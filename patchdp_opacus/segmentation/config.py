@@ -40,9 +40,12 @@ class PrivacyConfig:
     epsilon: Optional[float] = 8.0       # target epsilon; None with noise_multiplier set
     noise_multiplier: Optional[float] = None
     delta: Optional[float] = None        # default 1 / N
-    crop: tuple = (505, 505)
+    crop: tuple = (505, 505)             # the crop the model sees (height, width)
     padding: tuple = (0, 0)
     pad_if_needed: bool = False
+    # loader-owned resampling before/with the crop, e.g. {kind: random_scale_crop,
+    # scale_range: [0.5, 2.0], scale_step: 0.25}; see privacy.geometric.geometry_from_config
+    transform: Optional[dict] = None
     private_region: dict = field(default_factory=lambda: {"shape": "rectangle", "size": [10, 10]})
     max_grad_norm: float = 2.0
     secure_sampling: bool = False
@@ -110,7 +113,21 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> ExperimentC
     if (cfg.privacy.epsilon is None) == (cfg.privacy.noise_multiplier is None):
         raise ValueError(f"{where}: set exactly one of privacy.epsilon (calibrate the noise) and "
                          f"privacy.noise_multiplier")
+    try:
+        loader_geometry(cfg.privacy)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: privacy.transform / privacy.crop: {exc}") from None
     return cfg
+
+
+def loader_geometry(privacy: PrivacyConfig):
+    """The geometry the loader applies and the accountant uses: a crop, or the loader-owned
+    transform of ``privacy.transform`` (random scale + crop, resize + crop, RandomResizedCrop)
+    whose output is ``privacy.crop``."""
+    from patchdp_opacus.privacy.geometric import geometry_from_config
+
+    return geometry_from_config(privacy.crop, privacy.padding, privacy.pad_if_needed,
+                                privacy.transform)
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

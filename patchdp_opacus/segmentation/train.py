@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from patchdp_opacus.plugin.engine import PrivacyEngine
 from patchdp_opacus.privacy import PatchDPSGD, accounting, region_from_dict
-from patchdp_opacus.segmentation.config import ExperimentConfig
+from patchdp_opacus.segmentation.config import ExperimentConfig, loader_geometry
 from patchdp_opacus.segmentation.datasets import build_dataset
 from patchdp_opacus.segmentation.losses import PerImageCrossEntropy
 from patchdp_opacus.segmentation.metrics import ConfusionMatrix
@@ -131,11 +131,11 @@ def _write_report(out: Path, engine: PrivacyEngine, cfg: ExperimentConfig, delta
     report["config_name"] = cfg.name
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2, default=str))
     geo = report.get("geometry", {})
+    spec = getattr(engine.accountant, "spec", None)
     lines = [
         f"patch-level DP-SGD privacy report ({cfg.name})",
         f"relation: {report['relation']}; sampling: {report['sampling']}",
-        f"crop {geo.get('crop', {}).get('crop_size')} padding {geo.get('crop', {}).get('padding')}"
-        f" pad_if_needed {geo.get('crop', {}).get('pad_if_needed')}; image sizes "
+        f"{spec.describe_geometry() if spec is not None else 'no crop geometry'}; image sizes "
         f"{geo.get('image_sizes')}; private region {geo.get('region')}",
         f"p = {geo.get('inclusion_fraction')} = {geo.get('inclusion_probability')}",
         f"N = {report.get('dataset_size')}, B = {report.get('batch_size')}, "
@@ -184,8 +184,7 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, *, resume: bool = True,
     engine = PrivacyEngine(secure_mode=pcfg.secure_sampling)
     common = dict(module=model, optimizer=optimizer, data_loader=base_loader,
                   criterion=criterion, max_grad_norm=pcfg.max_grad_norm,
-                  crop=tuple(pcfg.crop), padding=tuple(pcfg.padding),
-                  pad_if_needed=pcfg.pad_if_needed,
+                  crop=loader_geometry(pcfg),
                   private_region=region_from_dict(pcfg.private_region),
                   seed=t.seed, grad_sample_mode=t.grad_sample_mode)
     if t.fast_options:
