@@ -316,6 +316,8 @@ def test_make_private_with_random_scale_crop_trains_and_accounts_its_p():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     report = engine.privacy_report(1e-5)
     assert report["geometry"]["crop"]["kind"] == "random_scale_crop"
+    # what checkpoints store gives back the same claim
+    assert PatchPrivacySpec.from_dict(report["geometry"]).same_geometry(loader.spec)
     assert report["geometry"]["inclusion_probability"] == expected_p
     assert 0 < report["epsilon_patch"] < report["epsilon_record"]
 

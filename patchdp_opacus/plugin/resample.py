@@ -145,6 +145,11 @@ def resample(x, transform, theta, *, is_mask: bool = False, fill=None):
     size = _spatial_size(x)
     theta = Theta(*theta)
     interp = NEAREST if is_mask else transform.interpolation
+    if interp not in transform.interpolations:
+        raise FootprintError(
+            f"{interp.describe()} is not among the kernels "
+            f"{[k.describe() for k in transform.interpolations]} whose footprints p is computed "
+            f"from: resampling would read outside the footprint window")
     fill = (DEFAULT_IGNORE_INDEX if is_mask else 0) if fill is None else fill
     plan_y, plan_x = transform.plans(size)[theta.choice]
     _check_fill(x.dtype, fill, is_mask, plan_y, plan_x)
