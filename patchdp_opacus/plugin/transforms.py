@@ -15,8 +15,9 @@ the property:
   these transforms, and the private region is measured in those pixels.
 * refused, with the reason: random crops of any kind (the loader crops), random-scale crops and
   random resizes (the loader owns them: ``RandomScaleCrop``, ``RandomResizedCrop``, ``Resize``
-  of :mod:`patchdp_opacus.privacy.geometric`, given as ``crop=``), data-dependent crops, non-constant padding (copies R into the border),
-  rotations / affine / perspective / elastic warps, sample mixing (MixUp, CutMix, Mosaic),
+  of :mod:`patchdp_opacus.privacy.geometric`, given as ``crop=``), data-dependent crops,
+  non-constant padding (copies R into the border), rotations / affine / perspective / elastic
+  warps, sample mixing (MixUp, CutMix, Mosaic),
   image-global statistics (equalize, autocontrast, contrast around the image mean, brightness
   by the image mean, per-image normalisation, PCA grayscale, ISO noise scaled by the image's
   spread: every output pixel then depends on R), and interpolating resizes (bilinear/bicubic
