@@ -2,7 +2,9 @@
 
 ``patchdp_opacus.privacy`` is the pure privacy layer (no torch).  The Opacus plugin
 (``PrivacyEngine``, the accountant and the crop-aware loader) is imported lazily so that the
-privacy layer and the ``patchdp epsilon`` CLI work without importing torch.
+privacy layer and the ``patchdp epsilon`` CLI work without importing torch.  The loader-owned
+transforms (``RandomScaleCrop``, ``RandomResizedCrop``, ``Resize``; ``crop=`` of
+``make_private``) are re-exported from the privacy layer.
 """
 
 import importlib
@@ -16,6 +18,9 @@ _LAZY = {
     "PrivacyEngine": "patchdp_opacus.plugin.engine",
     "PatchPLDAccountant": "patchdp_opacus.plugin.accountant",
     "CropDPDataLoader": "patchdp_opacus.plugin.loader",
+    "RandomScaleCrop": "patchdp_opacus.privacy.geometric",
+    "RandomResizedCrop": "patchdp_opacus.privacy.geometric",
+    "Resize": "patchdp_opacus.privacy.geometric",
 }
 
 

@@ -8,23 +8,35 @@ The transform inspection (:mod:`patchdp_opacus.plugin.transforms`) checks this p
 paper; this module checks it on the running code, including whatever ``__getitem__`` does that
 no inspection can see.
 
-For ``trials`` draws of a crop origin (uniform, as the loader draws them) and of a seed, the
-audit builds a neighbour pair -- a random image A of the dataset's raw shape and dtype, and B
-equal to A except inside R (every value changed), R at the placement where ``p`` is attained --
-injects each in turn as the raw image of one record, runs the loader's cropping dataset (user
-transforms, crop, post-crop stage) with every random generator reset to the trial's seed, and
-collates the sample with a few other records.  It reports:
+The loader's geometry may be a fixed-size crop or a loader-owned resampling transform (random
+scale + crop, RandomResizedCrop, resize: :mod:`patchdp_opacus.privacy.geometric`); the audit
+treats both through the transform interface: parameters ``theta`` drawn as the loader draws
+them, the *footprint* ``F(theta)`` (for a crop, its window) and ``p``, all from the functions the
+accountant uses.
+
+For ``trials`` draws of the loader's token (uniform, as the loader draws them: a crop origin,
+or a transform's choice and origin) and of a seed, the audit builds a neighbour pair -- a random
+image A of the dataset's raw shape and dtype, and B equal to A except inside R (every value
+changed), R at the placement where ``p`` is attained -- injects each in turn as the raw image
+of one record, runs the loader's cropping dataset (user transforms, crop or resampling,
+post-crop stage) with every random generator reset to the trial's seed, and collates the sample
+with a few other records.  It reports:
 
 * ``differing``: trials whose outputs differ.  Its Clopper-Pearson interval must not lie above
   the claimed ``p`` (a lower confidence bound above ``p`` refutes the claim);
-* ``outside``: trials whose crop misses R *and* its mirror images (flips are allowed before
-  the crop) but whose outputs still differ -- each one is a definite violation (a transform
-  that reads the whole image, moves R, or spreads it by interpolation);
+* ``outside``: trials whose footprint ``F(theta)`` misses R *and* its mirror images (flips are
+  allowed before the crop) but whose outputs still differ -- each one is a definite violation
+  (a transform that reads the whole image, moves R, or spreads it by interpolation, or a
+  footprint smaller than what is read);
+* ``footprint_errors``: trials where the loader's resampling refused to read outside the
+  footprint window (:class:`~patchdp_opacus.plugin.resample.FootprintError`: the transform's
+  footprint, hence its ``p``, is too small for its own kernels);
 * ``leaks_to_other_samples``: trials where a change in one sample changed another row of the
   collated batch (a sample-mixing collate);
-* ``origin_uniformity``: chi-square p-values of the crop origins the loader's sampler draws.
+* ``origin_uniformity``: chi-square p-values of the parameters the loader's sampler draws
+  (``choice`` when the transform has several, origins per axis pooled over choices).
 
-The verdict passes when the rate is not refuted and both violation counts are zero.  The
+The verdict passes when the rate is not refuted and all violation counts are zero.  The
 random-generator reset covers Python's ``random``, numpy's and torch's global generators and
 every albumentations ``Compose`` reachable from the dataset or the post-crop stage; a
 transform with another private generator makes the pair differ by chance and fails the audit
@@ -45,8 +57,18 @@ import numpy as np
 import torch
 from scipy import stats
 
-from patchdp_opacus.plugin.crop import crop_origin, image_size_of, token_moduli
-from patchdp_opacus.plugin.loader import CropDPDataLoader, sample_image
+from patchdp_opacus.plugin.crop import (
+    choice_modulus,
+    fixed_crop_of,
+    image_size_of,
+    make_token,
+    sample_image,
+    token_moduli,
+    token_theta,
+)
+from patchdp_opacus.plugin.loader import CropDPDataLoader
+from patchdp_opacus.plugin.resample import FootprintError
+from patchdp_opacus.plugin.sampler import TransformToken
 from patchdp_opacus.privacy.geometry import inclusion_probability
 
 logger = logging.getLogger(__name__)
@@ -75,6 +97,7 @@ class AuditReport:
     image_size: tuple
     placement: tuple
     notes: list = dataclasses.field(default_factory=list)
+    footprint_errors: int = 0
 
     @property
     def rate(self) -> float:
@@ -92,7 +115,7 @@ class AuditReport:
     @property
     def passed(self) -> bool:
         return not self.refuted and self.outside == 0 and self.leaks_to_other_samples == 0 \
-            and self.uniform
+            and self.footprint_errors == 0 and self.uniform
 
     def reasons(self) -> list[str]:
         out = []
@@ -100,7 +123,11 @@ class AuditReport:
             out.append(f"{self.outside} trial(s) whose crop missed the private region (and its "
                        f"mirror images) still changed the output: something before the crop "
                        f"reads or moves pixels beyond the region (whole-image statistics, "
-                       f"warps, interpolation)")
+                       f"warps, interpolation), or the footprint is smaller than what is read")
+        if self.footprint_errors:
+            out.append(f"{self.footprint_errors} trial(s) where the loader's resampling would "
+                       f"have read outside the footprint the accountant's p is computed from: "
+                       f"the transform's footprint is too small for its kernels")
         if self.leaks_to_other_samples:
             out.append(f"{self.leaks_to_other_samples} trial(s) where changing one sample changed "
                        f"other samples of the batch: the collate or a batch-level step mixes "
@@ -124,15 +151,16 @@ class AuditReport:
         rows = [
             ("trials", f"{self.trials}"),
             ("image size audited (H, W)", f"{tuple(self.image_size)}"),
-            ("region placement (padded y, x)", f"{tuple(self.placement)}"),
+            ("region placement (stored-image y, x)", f"{tuple(self.placement)}"),
             ("claimed p (worst case over sizes)", f"{self.claimed_p:.6g}"),
             ("p at the audited size", f"{self.p_at_audited_size:.6g}"),
             ("outputs differing", f"{self.differing} ({self.rate:.4g})"),
             (f"{self.confidence:.1%} Clopper-Pearson interval",
              f"[{self.ci_low:.4g}, {self.ci_high:.4g}]"),
             ("differing although the crop missed R", f"{self.outside}"),
+            ("resampling outside the footprint", f"{self.footprint_errors}"),
             ("other samples of the batch changed", f"{self.leaks_to_other_samples}"),
-            ("crop-origin uniformity (chi-square p)",
+            ("parameter uniformity (chi-square p)",
              ", ".join(f"{k} {v:.3g}" for k, v in self.origin_uniformity.items())),
             ("verdict", "PASS" if self.passed else "FAIL"),
         ]
@@ -343,13 +371,30 @@ def _rows_changed(a, b, skip_row: int) -> bool:
 
 
 # --- the audit --------------------------------------------------------------------------------
-def _footprint(mask: np.ndarray, size, placement, pad) -> np.ndarray:
-    """The region (image coordinates) and its mirror images, as a boolean H x W."""
+def _region_and_mirrors(mask: np.ndarray, size, placement, mirrors: bool) -> np.ndarray:
+    """The region (stored-image coordinates) and, with ``mirrors``, its mirror images, as a
+    boolean H x W."""
     h, w = size
     out = np.zeros((h, w), dtype=bool)
-    y, x = placement[0] - pad[0], placement[1] - pad[1]
+    y, x = placement
     out[y:y + mask.shape[0], x:x + mask.shape[1]] |= mask
-    return out | out[::-1, :] | out[:, ::-1] | out[::-1, ::-1]
+    return _mirrored(out) if mirrors else out
+
+
+def _mirrored(region: np.ndarray) -> np.ndarray:
+    return region | region[::-1, :] | region[:, ::-1] | region[::-1, ::-1]
+
+
+def _p_at(spec, size):
+    """``(p, placement)`` at one image size, placement in stored-image pixels: Lemma 1 for a
+    crop (the accountant's formula), the footprint analysis for a transform."""
+    geometry = fixed_crop_of(spec.crop)
+    if geometry is not None:
+        inc = inclusion_probability(geometry, size, spec.region)
+        top, _, left, _ = geometry.pad_offsets(size)
+        return inc.value, (inc.placement[0] - top, inc.placement[1] - left)
+    inc = spec.transform.inclusion_probability([size], spec.region)
+    return inc.value, tuple(inc.placement)
 
 
 def _inner_preimage(start: int, length: int, scale: float) -> slice:
@@ -358,59 +403,95 @@ def _inner_preimage(start: int, length: int, scale: float) -> slice:
     return slice(math.ceil(start * scale - 1e-9), math.floor((start + length) * scale + 1e-9))
 
 
+def _binned_chisquare(groups) -> tuple[float, int]:
+    """Chi-square statistic and degrees of freedom of several uniform histograms (``(counts
+    over n values)`` per group), each binned into at most 32 contiguous bins with exact expected
+    counts; independent groups add up."""
+    stat, dof = 0.0, 0
+    for counts in groups:
+        n, total = len(counts), counts.sum()
+        if n < 2 or total == 0:
+            continue
+        edges = np.floor(np.arange(min(n, 32) + 1) * n / min(n, 32)).astype(int)
+        observed = np.add.reduceat(counts, edges[:-1])
+        expected = total * np.diff(edges) / n
+        stat += float(((observed - expected) ** 2 / expected).sum())
+        dof += len(observed) - 1
+    return stat, dof
+
+
 def _origin_uniformity(loader: CropDPDataLoader, size, draws: int) -> dict:
+    """Chi-square p-values of the parameters the loader's own sampler draws (a copy of it, its
+    state untouched): ``choice`` over the transform's choices (when there are several), ``y``
+    and ``x`` the origins per axis, pooled over choices."""
     sampler = loader.batch_sampler
     probe = copy.copy(sampler)  # the loader's own sampler class and moduli, its state untouched
     if sampler.generator is not None:
         probe.generator = torch.Generator()
         probe.generator.set_state(sampler.generator.get_state())
-    ay, ax = loader.spec.crop.axes(size)
-    counts_y, counts_x = np.zeros(ay.num_origins), np.zeros(ax.num_origins)
+    plans = loader.spec.transform.plans(size)
+    choices = np.zeros(len(plans), dtype=np.int64)
+    axes = [[np.zeros(p[a].num_origins, dtype=np.int64) for p in plans] for a in (0, 1)]
     for _ in range(max(1, draws // sampler.global_batch_size)):
         for token in probe.draw_global_batch():
-            i, j = crop_origin(loader.spec.crop, size, token.u_y, token.u_x)
-            counts_y[i] += 1
-            counts_x[j] += 1
+            draws_ = token.draws if isinstance(token, TransformToken) else tuple(token)[1:]
+            g, i, j = token_theta(loader.spec.crop, size, draws_)
+            choices[g] += 1
+            axes[0][g][i] += 1
+            axes[1][g][j] += 1
     out = {}
-    for axis, counts in (("y", counts_y), ("x", counts_x)):
-        out[axis] = 1.0 if len(counts) < 2 else float(stats.chisquare(counts).pvalue)
+    if len(plans) > 1:
+        out["choice"] = float(stats.chisquare(choices).pvalue)
+    for name, groups in zip(("y", "x"), axes):
+        stat, dof = _binned_chisquare(groups)
+        out[name] = 1.0 if dof == 0 else float(stats.chi2.sf(stat, dof))
     return out
 
 
 def audit_loader(loader: CropDPDataLoader, *, trials: int = 2000, confidence: float = 0.999,
                  index: int = 0, batch: int = 4, seed: int = 0,
                  inject: Optional[Callable[[Any, int, Any], Any]] = None,
-                 origin_draws: int = 5000) -> AuditReport:
+                 origin_draws: int = 5000, mirrors: bool = True) -> AuditReport:
     """Run the neighbour-pair audit on ``loader`` (see the module docstring).
 
     Args:
-        loader: the :class:`CropDPDataLoader` to audit (its dataset, crop, post-crop stage and
-            collate are used as they are; its own random state is not touched).
-        trials: neighbour pairs (crop origins); the test's power grows with ``sqrt(trials)``.
+        loader: the :class:`CropDPDataLoader` to audit (its dataset, crop or transform,
+            post-crop stage and collate are used as they are; its own random state is not
+            touched).
+        trials: neighbour pairs (parameter draws); the test's power grows with
+            ``sqrt(trials)``.
         confidence: of the Clopper-Pearson interval.
         index: the record whose raw image is replaced by the neighbours.
         batch: samples per collated batch (the record plus ``batch - 1`` others).
         seed: seeds the audit's own draws (origins, images, per-trial generator seeds).
         inject: ``inject(dataset, index, image)`` returning a context manager that makes
             ``dataset[index]`` decode to ``image``; default :func:`inject_raw_image`.
+        origin_draws: parameter draws of the loader's sampler for the uniformity test.
+        mirrors: count a footprint that meets the region's mirror images as a hit (flips
+            before the loader's crop are allowed).  ``False`` for a pipeline that does not
+            flip: the definite-violation test is then exact to the pixel (with mirrors, a
+            region near the image centre lies within about a pixel of its own mirror images,
+            so a leak of one pixel can hide there -- the rate test still sees it).
     """
     if not isinstance(loader, CropDPDataLoader):
         raise AuditError(f"audit_loader needs a CropDPDataLoader, got {type(loader).__name__}")
     cropping = loader.dataset
     dataset, spec = cropping.dataset, loader.spec
+    transform = spec.transform
     inject = inject or inject_raw_image
     rng = np.random.default_rng(seed)
+    draw_rng = random.Random(seed)  # exact draws of any size (moduli may exceed 2**63)
     size = image_size_of(sample_image(dataset[index]))
     raw = _raw_image(dataset, index)
     raw_size = image_size_of(raw)
     mask = spec.region.mask()
-    at_size = inclusion_probability(spec.crop, size, spec.region)
-    top, _, left, _ = spec.crop.pad_offsets(size)
+    p_at_size, placement = _p_at(spec, size)
     notes = []
     region_raw = np.zeros(raw_size, dtype=bool)
-    y0, x0 = at_size.placement[0] - top, at_size.placement[1] - left
+    y0, x0 = placement
     if raw_size == size:
         region_raw[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]] = mask
+        region = _region_and_mirrors(mask, size, placement, mirrors)
     else:  # a resize before the crop: change the raw pixels whose extent lies in the region
         rows = _inner_preimage(y0, mask.shape[0], raw_size[0] / size[0])
         cols = _inner_preimage(x0, mask.shape[1], raw_size[1] / size[1])
@@ -421,48 +502,55 @@ def audit_loader(loader: CropDPDataLoader, *, trials: int = 2000, confidence: fl
         notes.append(f"raw images are {raw_size}, the crop sees {size}: the raw pixels inside "
                      f"the region's box were changed, and the 'missed' test allows one pixel "
                      f"of resampling slack around it")
-    footprint = _footprint(mask, size, at_size.placement, (top, left))
-    if raw_size != size:
-        footprint = np.zeros(size, dtype=bool)
-        footprint[max(y0 - 1, 0):y0 + mask.shape[0] + 1,
-                  max(x0 - 1, 0):x0 + mask.shape[1] + 1] = True
-        footprint = footprint | footprint[::-1, :] | footprint[:, ::-1] | footprint[::-1, ::-1]
+        region = np.zeros(size, dtype=bool)
+        region[max(y0 - 1, 0):y0 + mask.shape[0] + 1,
+               max(x0 - 1, 0):x0 + mask.shape[1] + 1] = True
+        region = _mirrored(region) if mirrors else region
     composes = _albumentations_composes(dataset, cropping.post_crop_transform)
-    moduli = token_moduli(spec.crop, spec.image_sizes)
+    choices = choice_modulus(spec.crop, spec.image_sizes)
+    moduli = ((choices,) if choices is not None else ()) + \
+        tuple(token_moduli(spec.crop, spec.image_sizes))
+
+    def draw():
+        return tuple(draw_rng.randrange(m) for m in moduli)
+
     others = [i for i in range(len(dataset)) if i != index][:max(batch - 1, 0)]
     collate = loader.collate_fn
-    ch, cw = spec.crop.crop_size
-    differing = outside = leaks = 0
+    differing = outside = leaks = footprint_errors = 0
     img_a, img_b = _neighbours(raw, region_raw, rng)
     for t in range(trials):
-        uy, ux = int(rng.integers(moduli[0])), int(rng.integers(moduli[1]))
+        draws = draw()
         trial_seed = int(rng.integers(2**31))
-        other_tokens = [(o, int(rng.integers(moduli[0])), int(rng.integers(moduli[1])))
-                        for o in others]
+        other_tokens = [make_token(spec.crop, o, draw()) for o in others]
+        token = make_token(spec.crop, index, draws)
         outputs = []
-        for image in (img_a, img_b):
-            with inject(dataset, index, image):
-                _reset_rngs(trial_seed, composes)
-                sample = cropping[(index, uy, ux)]
-                rest = [cropping[tok] for tok in other_tokens]
-            outputs.append((sample, collate([sample, *rest]) if others else None))
+        try:
+            for image in (img_a, img_b):
+                with inject(dataset, index, image):
+                    _reset_rngs(trial_seed, composes)
+                    sample = cropping[token]
+                    rest = [cropping[tok] for tok in other_tokens]
+                outputs.append((sample, collate([sample, *rest]) if others else None))
+        except FootprintError:
+            footprint_errors += 1
+            continue
         (sa, ba), (sb, bb) = outputs
-        differ = not _same(sa, sb)
-        i, j = crop_origin(spec.crop, size, uy, ux)
-        ys, xs = i - top, j - left
-        window = footprint[max(ys, 0):max(ys + ch, 0), max(xs, 0):max(xs + cw, 0)]
-        if differ:
+        # the footprint of the theta this sample was resampled with, by the accountant's function
+        window = transform.footprint(size, token_theta(spec.crop, size, draws))
+        hit = window is not None and bool(
+            region[window[0][0]:window[0][1], window[1][0]:window[1][1]].any())
+        if not _same(sa, sb):
             differing += 1
-            if not window.any():
+            if not hit:
                 outside += 1
         if ba is not None and _rows_changed(ba, bb, 0):
             leaks += 1
     low, high = clopper_pearson(differing, trials, confidence)
     report = AuditReport(
         trials=trials, differing=differing, claimed_p=spec.inclusion_probability,
-        p_at_audited_size=at_size.value, ci_low=low, ci_high=high, confidence=confidence,
+        p_at_audited_size=p_at_size, ci_low=low, ci_high=high, confidence=confidence,
         outside=outside, leaks_to_other_samples=leaks,
         origin_uniformity=_origin_uniformity(loader, size, origin_draws), image_size=size,
-        placement=at_size.placement, notes=notes)
+        placement=tuple(placement), notes=notes, footprint_errors=footprint_errors)
     logger.info("audit: %s", report.as_dict())
     return report

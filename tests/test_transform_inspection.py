@@ -492,3 +492,48 @@ def test_constructor_path_runs_the_inspection():
     dp = CropDPDataLoader(ToyDataset(T.GaussianBlur(3)), batch_size=2, spec=spec, seed=0,
                           allow_unchecked_transforms=True)
     assert dp.spec.unchecked_transforms == ("torchvision.transforms.transforms.GaussianBlur",)
+
+
+#: Reasons that point to a loader-owned transform, and the transform they name.
+LOADER_OWNED = {"SCALE_CROP": "RandomResizedCrop", "RANDOM_SCALE": "RandomScaleCrop",
+                "INTERPOLATING_RESIZE": "Resize"}
+
+
+def _advice(message: str) -> str:
+    import re
+
+    found = re.search(r"crop=(patchdp_opacus\.privacy\.\w+\((?:[^()]|\([^()]*\))*\))", message)
+    assert found, f"no loader-owned transform named in: {message}"
+    return found.group(1)
+
+
+def test_scale_and_resize_refusals_point_to_runnable_loader_owned_transforms():
+    """Every row (and the interpolating-resize attribute rule) whose reason is a scale crop, a
+    random rescaling or an interpolating resize names the loader-owned replacement, as code
+    that builds it."""
+    import patchdp_opacus
+    from patchdp_opacus.plugin import transforms as tables
+    from patchdp_opacus.privacy import geometric
+
+    reasons = {getattr(tables, name): cls for name, cls in LOADER_OWNED.items()}
+    rows = {(lib, name) for lib, rules in RULES.items() for name, r in rules.items()
+            if r.reason in reasons}
+    assert rows >= {("torchvision", "RandomResizedCrop"), ("torchvision", "RandomResize"),
+                    ("torchvision", "ScaleJitter"), ("torchvision", "RandomShortestSize"),
+                    ("albumentations", "RandomResizedCrop"), ("albumentations", "RandomScale"),
+                    ("albumentations", "RandomSizedCrop")}
+    pointed = 0
+    for transform in denied_instances() + [T.Resize((20, 30)), A.Resize(20, 30),
+                                           A.LongestMaxSize(40)]:
+        rule = rule_for(transform)
+        if rule.reason.split(" (interpolation=")[0] not in reasons:
+            continue
+        with pytest.raises(TransformNotAllowedError) as err:
+            inspect_pipeline(transform)
+        code = _advice(str(err.value))
+        built = eval(code, {"patchdp_opacus": patchdp_opacus, "crop_size": (8, 8),
+                            "size": (8, 8), "h": 8, "w": 8})
+        expected = reasons[rule.reason.split(" (interpolation=")[0]]
+        assert type(built) is getattr(geometric, expected), code
+        pointed += 1
+    assert pointed >= len(rows) + 3

@@ -207,14 +207,7 @@ def parse_scale_range_value(text: str, step: Fraction) -> tuple[Fraction, ...]:
 
 def describe_geometry(spec) -> str:
     """One line: the transform (or crop), padding included, for text output and titles."""
-    crop = spec.crop
-    if isinstance(crop, CropGeometry):
-        return (f"crop {crop.crop_size[0]}x{crop.crop_size[1]}, padding "
-                f"{crop.padding[0]}x{crop.padding[1]}, pad_if_needed={crop.pad_if_needed}")
-    inner = getattr(crop, "crop", None)
-    pad = "" if inner is None else (f", padding {inner.padding[0]}x{inner.padding[1]}, "
-                                    f"pad_if_needed={inner.pad_if_needed}")
-    return crop.describe() + pad
+    return spec.describe_geometry()
 
 
 def short_geometry(spec) -> str:

@@ -1,4 +1,4 @@
-"""The random crop, applied to one sample from a crop token.
+"""The loader's crop (or loader-owned transform), applied to one sample from a token.
 
 Geometry (sizes are ``(height, width)`` in pixels; see
 :class:`~patchdp_opacus.privacy.geometry.CropGeometry`): an ``H x W`` image is padded with
@@ -15,6 +15,15 @@ is intersected with the image and the rest is filled.
 
 Every image's size must be one of the declared ``image_sizes`` (``p`` is the worst case over
 exactly those sizes); any other size raises.
+
+Loader-owned transforms (:mod:`patchdp_opacus.privacy.geometric`: random scale + crop,
+RandomResizedCrop, resize) come with a :class:`~patchdp_opacus.plugin.sampler.TransformToken`
+``(index, u_g, u_y, u_x)``; :func:`token_theta` turns its draws into ``theta`` and
+:func:`~patchdp_opacus.plugin.resample.resample_sample` resamples the sample from exactly the
+footprint window of ``theta`` that the accountant's ``p`` is computed from.  A fixed-size crop
+(a :class:`~patchdp_opacus.privacy.geometry.CropGeometry`, or a
+:class:`~patchdp_opacus.privacy.geometric.FixedCrop` holding one) keeps the crop path below
+and its three-field tokens.
 """
 
 from __future__ import annotations
@@ -27,9 +36,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from patchdp_opacus.plugin.resample import resample_sample
+from patchdp_opacus.plugin.sampler import WORD, CropToken, TransformToken
+from patchdp_opacus.privacy.footprint import Theta
+from patchdp_opacus.privacy.geometric import FixedCrop, GeometricTransform, as_transform
 from patchdp_opacus.privacy.geometry import CropGeometry
 from patchdp_opacus.privacy.spec import PatchPrivacySpec
-from patchdp_opacus.plugin.sampler import WORD
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +87,40 @@ def _target_size(x) -> tuple[int, int]:
     return int(x.size[1]), int(x.size[0])
 
 
-def token_moduli(crop: CropGeometry, image_sizes: Iterable) -> tuple[int, int]:
-    """Per-axis ranges ``(M_y, M_x)`` for the token draws ``u`` such that ``u mod (S + 1)`` is
-    exactly uniform for every declared image size: ``M`` = lcm of the origin counts ``S + 1``
-    over the sizes.  Falls back to ``2**62`` on an axis whose lcm exceeds it (bias
-    ``<= (S + 1) / 2**62``)."""
+def fixed_crop_of(crop) -> CropGeometry | None:
+    """The :class:`CropGeometry` when ``crop`` is a fixed-size crop (itself, or held by a
+    :class:`FixedCrop`), else ``None`` (a resampling transform)."""
+    if isinstance(crop, CropGeometry):
+        return crop
+    if isinstance(crop, FixedCrop):
+        return crop.crop
+    if isinstance(crop, GeometricTransform):
+        return None
+    raise TypeError(f"expected a CropGeometry or a geometric transform, got "
+                    f"{type(crop).__name__}")
+
+
+def choice_modulus(crop, image_sizes: Iterable) -> int | None:
+    """``M_g`` of a loader-owned transform's choice draw (its number of choices ``G``), or
+    ``None`` for a fixed crop (three-field :class:`CropToken` s)."""
+    if fixed_crop_of(crop) is not None:
+        return None
+    return crop.draw_moduli(image_sizes)[0]
+
+
+def token_moduli(crop, image_sizes: Iterable) -> tuple[int, int]:
+    """Per-axis ranges ``(M_y, M_x)`` of the origin draws ``u_y``, ``u_x``.
+
+    Fixed crop: ``M`` = lcm of the origin counts ``S + 1`` over the declared sizes, so that
+    ``u mod (S + 1)`` is exactly uniform for each; it falls back to ``2**62`` on an axis whose
+    lcm exceeds it (bias ``<= (S + 1) / 2**62``).  Loader-owned transform: the exact lcm over
+    sizes *and* choices (:meth:`~patchdp_opacus.privacy.geometric.GeometricTransform.
+    draw_moduli`), of any size (the sampler draws it exactly from several words)."""
+    geometry = fixed_crop_of(crop)
+    if geometry is None:
+        _, my, mx = crop.draw_moduli(image_sizes)
+        return my, mx
+    crop = geometry
     spec_sizes = [tuple(s) for s in image_sizes]
     moduli = []
     for axis in (0, 1):
@@ -96,6 +137,24 @@ def crop_origin(crop: CropGeometry, image_size, u_y: int, u_x: int) -> tuple[int
     """Padded top-left ``(i, j) = (u_y mod (S_y + 1), u_x mod (S_x + 1))``."""
     ay, ax = crop.axes(image_size)
     return int(u_y) % ay.num_origins, int(u_x) % ax.num_origins
+
+
+def token_theta(crop, image_size, draws) -> Theta:
+    """``theta`` of one sample from its token's draws: ``(u_y, u_x)`` for a fixed crop
+    (choice 0, origin = :func:`crop_origin`), ``(u_g, u_y, u_x)`` for a transform
+    (:meth:`~patchdp_opacus.privacy.geometric.GeometricTransform.theta_from_draws`).  The
+    cropping dataset applies this ``theta``; the audit tests the footprint of the same one."""
+    geometry = fixed_crop_of(crop)
+    if geometry is not None:
+        return Theta(0, *crop_origin(geometry, image_size, *draws))
+    return crop.theta_from_draws(image_size, draws)
+
+
+def make_token(crop, index: int, draws):
+    """The token the loader's sampler would yield for ``index`` and ``draws``."""
+    if fixed_crop_of(crop) is not None:
+        return CropToken(int(index), *(int(u) for u in draws))
+    return TransformToken(int(index), *(int(u) for u in draws))
 
 
 class _Window:
@@ -239,12 +298,80 @@ def crop_sample(sample: Any, crop: CropGeometry, u_y: int, u_x: int, *,
     return out[0]
 
 
+def sample_image(sample):
+    """The image of a sample: a bare image, ``sample[0]`` or ``sample["image"]``."""
+    if isinstance(sample, dict):
+        if "image" not in sample:
+            raise ValueError(f"dict samples need an 'image' key, got keys {sorted(sample)}")
+        return sample["image"]
+    if isinstance(sample, (tuple, list)):
+        if not sample:
+            raise ValueError("empty sample")
+        return sample[0]
+    return sample
+
+
+def transform_sample(sample: Any, transform: GeometricTransform, draws, *,
+                     image_sizes: Sequence | None = None, image_fill=0,
+                     ignore_index=DEFAULT_IGNORE_INDEX):
+    """Apply a loader-owned transform to one sample with ``theta`` from ``draws = (u_g, u_y,
+    u_x)``: the sample formats of :func:`crop_sample` (PIL images too); the image size is
+    checked against ``image_sizes`` (when given) before anything is read."""
+    size = image_size_of(sample_image(sample))
+    if image_sizes is not None and size not in {tuple(s) for s in image_sizes}:
+        raise undeclared_size_error(size, image_sizes)
+    theta = token_theta(transform, size, draws)
+    return resample_sample(sample, transform, theta, image_fill=image_fill,
+                           ignore_index=ignore_index)
+
+
+def _is_integer(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    return isinstance(value, torch.Tensor) and value.ndim == 0 and not (
+        value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool)
+
+
+def token_fields(token) -> tuple[int, ...]:
+    """``(index, u_y, u_x)`` or ``(index, u_g, u_y, u_x)`` of a token, tuple or list, as
+    Python ints.  Plain indices (Poisson sampling, a replaced sampler) and non-integer fields
+    (e.g. draws that went through a float array and lost their exactness) are refused."""
+    if isinstance(token, TransformToken):
+        return token.index, *token.draws
+    if _is_integer(token):
+        raise TypeError(
+            "CroppingDataset expects crop tokens (index, u_y, u_x) from the loader's "
+            "fixed-size batch sampler, got a plain index: Poisson sampling or a replaced "
+            "sampler is not supported (use poisson_sampling=False)")
+    try:
+        fields = tuple(token)
+    except TypeError:
+        raise TypeError(f"expected a crop token (index, u_y, u_x), got {token!r}") from None
+    if len(fields) not in (3, 4) or not all(_is_integer(f) for f in fields):
+        raise TypeError(
+            f"expected a token (index, u_y, u_x) or (index, u_g, u_y, u_x) of integers from "
+            f"the loader's sampler, got {token!r}" + (
+                "; a float draw has lost its exactness (parameters would not be uniform)"
+                if any(isinstance(f, (float, np.floating)) for f in fields) else ""))
+    return tuple(int(f) for f in fields)
+
+
 class CroppingDataset(Dataset):
-    """Wraps a map-style dataset; ``__getitem__`` takes a crop token ``(index, u_y, u_x)``
-    (a :class:`~patchdp_opacus.plugin.sampler.CropToken`, tuple or list), loads
-    ``dataset[index]`` (with the user's transforms), crops it per ``spec.crop``, checking the
-    image size against ``spec.image_sizes``, and applies ``post_crop_transform`` (if any) to
-    the cropped sample.  ``len()`` is the wrapped dataset's length."""
+    """Wraps a map-style dataset; ``__getitem__`` takes a token from the loader's sampler,
+    loads ``dataset[index]`` (with the user's transforms), checks the image size against
+    ``spec.image_sizes`` and applies the spec's geometry:
+
+    * fixed-size crop (``spec.crop`` a :class:`CropGeometry` or :class:`FixedCrop`): a
+      :class:`~patchdp_opacus.plugin.sampler.CropToken` ``(index, u_y, u_x)`` (tuple or list),
+      cropped by :func:`crop_sample`;
+    * loader-owned transform (random scale + crop, RandomResizedCrop, resize): a
+      :class:`~patchdp_opacus.plugin.sampler.TransformToken` ``(index, u_g, u_y, u_x)`` (or a
+      list of its fields), resampled from the footprint window of ``theta`` by
+      :func:`transform_sample`;
+
+    then ``post_crop_transform`` (if any).  ``len()`` is the wrapped dataset's length."""
 
     def __init__(self, dataset, spec: PatchPrivacySpec, *, image_fill=0,
                  ignore_index=DEFAULT_IGNORE_INDEX, post_crop_transform=None):
@@ -256,25 +383,29 @@ class CroppingDataset(Dataset):
         self.image_fill = image_fill
         self.ignore_index = ignore_index
         self.post_crop_transform = post_crop_transform
+        self._geometry = fixed_crop_of(spec.crop)  # None: a resampling transform
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, token):
-        if isinstance(token, (int, np.integer)) or (isinstance(token, torch.Tensor)
-                                                     and token.ndim == 0):
-            raise TypeError(
-                "CroppingDataset expects crop tokens (index, u_y, u_x) from the loader's "
-                "fixed-size batch sampler, got a plain index: Poisson sampling or a replaced "
-                "sampler is not supported (use poisson_sampling=False)")
-        try:
-            index, u_y, u_x = (int(t) for t in token)
-        except (TypeError, ValueError):
-            raise TypeError(f"expected a crop token (index, u_y, u_x), got {token!r}") from None
+        fields = token_fields(token)
+        expected = 3 if self._geometry is not None else 4
+        if len(fields) != expected:
+            what = ("a fixed-size crop takes (index, u_y, u_x)" if expected == 3 else
+                    f"{as_transform(self.spec.crop).describe()} takes (index, u_g, u_y, u_x)")
+            raise TypeError(f"token {token!r} does not fit the spec's geometry: {what}")
+        index, *draws = fields
         sample = self.dataset[index]
-        cropped = crop_sample(sample, self.spec.crop, u_y, u_x,
-                              image_sizes=self.spec.image_sizes, image_fill=self.image_fill,
-                              ignore_index=self.ignore_index)
+        if self._geometry is not None:
+            cropped = crop_sample(sample, self._geometry, *draws,
+                                  image_sizes=self.spec.image_sizes, image_fill=self.image_fill,
+                                  ignore_index=self.ignore_index)
+        else:
+            cropped = transform_sample(sample, self.spec.crop, draws,
+                                       image_sizes=self.spec.image_sizes,
+                                       image_fill=self.image_fill,
+                                       ignore_index=self.ignore_index)
         if self.post_crop_transform is None:
             return cropped
         return self.post_crop_transform(cropped)

@@ -16,12 +16,18 @@ add/remove).  With them the engine switches to the patch-level mode::
     engine.get_epsilon(delta)                    # patch level
     engine.get_epsilon(delta, level="record")    # record-level baseline, same steps
 
+``crop=`` may also be a loader-owned resampling transform
+(``patchdp_opacus.privacy.RandomScaleCrop((505, 505), scale_range=(0.5, 2.0))``,
+``RandomResizedCrop``, ``Resize``): the loader then draws each sample's scale / box and
+origin and resamples it, and the accountant's ``p`` is that transform's footprint ``p``
+(the private region in stored-image pixels).
+
 What the patch-level mode guarantees on top of Opacus (:meth:`PrivacyEngine._make_private_patch`
 is the one place that builds it):
 
 * the data loader is a :class:`~patchdp_opacus.plugin.loader.CropDPDataLoader`: fixed-size
   batches of exactly ``B`` drawn without replacement every step from OS entropy, the random
-  crop applied by the loader itself from the same
+  crop (or resampling transform) applied by the loader itself from the same
   :class:`~patchdp_opacus.privacy.spec.PatchPrivacySpec` the accountant uses, and the dataset's
   transforms and ``collate_fn`` inspected;
 * the accountant (``patch_pld``) records ``(z, q = B / N, steps)`` once per logical step and
@@ -506,6 +512,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
                         "scheme than epsilon_patch / epsilon_record"})
         if spec is not None:
             report["geometry"] = spec.to_dict()
+            report["geometry_description"] = spec.describe_geometry()
         if self.data_loader is not None:
             report.update(batch_size=self.data_loader.batch_size,
                           dataset_size=len(self.data_loader.dataset),

@@ -7,6 +7,15 @@ intersects a worst-case private region with probability at most
 ``p = spec.inclusion_probability``, so the patch-level accountant composes steps with the
 effective sampling rate ``w = q * p`` (Theorem 2).
 
+Instead of a fixed-size crop the loader may own a resampling transform
+(:mod:`patchdp_opacus.privacy.geometric`: ``RandomScaleCrop``, ``RandomResizedCrop``,
+``Resize``): per record it draws ``theta`` (a choice -- scale, box shape -- and an origin,
+exactly uniform over the transform's finite grid) and resamples the sample from the footprint
+window of ``theta`` (:mod:`patchdp_opacus.plugin.resample`); ``p`` is then the probability
+that this footprint meets the region (:mod:`patchdp_opacus.privacy.footprint`), computed from
+the same function.  The private region is declared in the pixels of the images the loader
+receives (after the dataset's own transforms, before the loader's resize).
+
 The user's dataset keeps its own transforms; the loader's crop is applied after them, to the
 transformed sample, so declared image sizes are post-transform sizes.  Every loader, however it
 is built, inspects the dataset's object graph and its ``collate_fn``
@@ -27,7 +36,10 @@ from torch.utils.data import DataLoader
 from patchdp_opacus.plugin.crop import (
     DEFAULT_IGNORE_INDEX,
     CroppingDataset,
+    choice_modulus,
+    fixed_crop_of,
     image_size_of,
+    sample_image,
     token_moduli,
 )
 from patchdp_opacus.plugin.sampler import (
@@ -35,6 +47,7 @@ from patchdp_opacus.plugin.sampler import (
     FixedSizeBatchSampler,
 )
 from patchdp_opacus.plugin.transforms import inspect_collate, inspect_dataset
+from patchdp_opacus.privacy.geometric import GeometricTransform
 from patchdp_opacus.privacy.geometry import CropGeometry
 from patchdp_opacus.privacy.spec import PatchPrivacySpec
 
@@ -75,8 +88,8 @@ class CropDPDataLoader(DataLoader):
             :func:`~patchdp_opacus.plugin.crop.crop_sample`); its images must have one of
             ``spec.image_sizes`` after the dataset's own transforms.
         batch_size: ``B``, the fixed (global) number of records per step.
-        spec: the :class:`~patchdp_opacus.privacy.spec.PatchPrivacySpec` (crop, region, image
-            sizes) that both this loader and the accountant use.
+        spec: the :class:`~patchdp_opacus.privacy.spec.PatchPrivacySpec` (crop or loader-owned
+            transform, region, image sizes) that both this loader and the accountant use.
         steps_per_epoch: default ``round(N / B)``.
         generator / seed: source of batch indices and crop origins (``seed`` makes a fresh
             ``torch.Generator``).  Default: a generator seeded from the OS's entropy.  A known
@@ -98,7 +111,8 @@ class CropDPDataLoader(DataLoader):
         **dataloader_kwargs: other ``DataLoader`` arguments; ``shuffle``, ``sampler``,
             ``batch_sampler`` and ``drop_last`` are refused.
 
-    Attributes: ``spec``, ``crop`` (``CropGeometry``), ``private_region``, ``image_sizes``,
+    Attributes: ``spec``, ``crop`` (``spec.crop``: a ``CropGeometry`` or the transform),
+    ``transform`` (``spec.transform``), ``private_region``, ``image_sizes``,
     ``batch_size`` (``B``), ``sample_rate`` (``q = B / N``), ``inclusion_probability``
     (``p``), ``effective_sample_rate`` (``q * p``), ``steps_per_epoch`` (= ``len(loader)``),
     ``unchecked_transforms`` (= ``spec.unchecked_transforms``), ``sampling_source``.  Poisson
@@ -137,6 +151,7 @@ class CropDPDataLoader(DataLoader):
             spec = dataclasses.replace(spec, unchecked_transforms=unchecked)
         num_samples = len(dataset)
         moduli = token_moduli(spec.crop, spec.image_sizes)
+        choices = choice_modulus(spec.crop, spec.image_sizes)
         if distributed:
             if secure:
                 raise ValueError("secure=True is not supported with distributed=True: all ranks "
@@ -155,12 +170,13 @@ class CropDPDataLoader(DataLoader):
                 seed = shared[0]
             batch_sampler = DistributedFixedSizeBatchSampler(
                 num_samples, batch_size, dist.get_world_size(), dist.get_rank(), seed,
-                steps_per_epoch, origin_moduli=moduli)
+                steps_per_epoch, origin_moduli=moduli, choice_modulus=choices)
         else:
             self._seeded = seed is not None or generator is not None
             generator = _make_generator(generator, seed, secure)
             batch_sampler = FixedSizeBatchSampler(num_samples, batch_size, steps_per_epoch,
-                                                  generator, secure, origin_moduli=moduli)
+                                                  generator, secure, origin_moduli=moduli,
+                                                  choice_modulus=choices)
         cropping = CroppingDataset(dataset, spec, ignore_index=ignore_index,
                                    post_crop_transform=post_crop_transform)
         super().__init__(cropping, batch_sampler=batch_sampler, num_workers=num_workers,
@@ -173,17 +189,21 @@ class CropDPDataLoader(DataLoader):
         # DataLoader sets batch_size=None when given a batch_sampler and forbids setting it
         # afterwards; it only reads it for iterable datasets.  Expose B, the global batch size.
         object.__setattr__(self, "batch_size", batch_sampler.global_batch_size)
-        logger.info("CropDPDataLoader: N=%d, B=%d, %d steps/epoch, crop %s, padding %s, "
-                    "pad_if_needed=%s, image sizes %s, q=%.6g, p=%.6g, q*p=%.6g%s",
-                    num_samples, self.batch_size, len(self), spec.crop.crop_size,
-                    spec.crop.padding, spec.crop.pad_if_needed, list(spec.image_sizes),
-                    self.sample_rate, self.inclusion_probability, self.effective_sample_rate,
+        logger.info("CropDPDataLoader: N=%d, B=%d, %d steps/epoch, %s, image sizes %s, q=%.6g, "
+                    "p=%.6g, q*p=%.6g%s", num_samples, self.batch_size, len(self),
+                    spec.describe_geometry(), list(spec.image_sizes), self.sample_rate,
+                    self.inclusion_probability, self.effective_sample_rate,
                     ", secure (OS CSPRNG) indices and origins" if secure else "")
 
     # -- what the accountant needs ---------------------------------------------------------
     @property
-    def crop(self) -> CropGeometry:
+    def crop(self) -> CropGeometry | GeometricTransform:
         return self.spec.crop
+
+    @property
+    def transform(self) -> GeometricTransform:
+        """The geometry behind the common transform interface (a crop as ``FixedCrop``)."""
+        return self.spec.transform
 
     @property
     def private_region(self):
@@ -250,21 +270,24 @@ class CropDPDataLoader(DataLoader):
         The constructor runs the inspection and records what ``allow_unchecked_transforms``
         accepted in the spec.
 
-        ``crop``: int, ``(h, w)`` or :class:`CropGeometry` (then ``padding``/``pad_if_needed``
-        must be left at their defaults).  ``image_sizes``: default ``dataset.image_sizes`` if
+        ``crop``: int, ``(h, w)`` or :class:`CropGeometry`, or a loader-owned transform
+        (:class:`~patchdp_opacus.privacy.geometric.RandomScaleCrop`, ``RandomResizedCrop``,
+        ``Resize``; a ``FixedCrop`` is stored as its ``CropGeometry``).  For a
+        ``CropGeometry`` or a transform ``padding``/``pad_if_needed`` must be left at their
+        defaults (they are part of it).  ``image_sizes``: default ``dataset.image_sizes`` if
         present, else ``dataset.size_of(i)`` for every index, else every sample is loaded once
-        (a warning is logged).
+        (a warning is logged); with a ``Resize`` these are the *stored* sizes, before it.
         """
         dataset = data_loader.dataset
         if isinstance(dataset, CroppingDataset):
             raise ValueError("data_loader already crops for patch-level DP (CropDPDataLoader); "
                              "wrap the original loader instead")
         padding = (0, 0) if padding is None else padding
-        if isinstance(crop, CropGeometry):
-            if CropGeometry(crop.crop_size, padding).padding != (0, 0) or pad_if_needed:
-                raise ValueError("crop is a CropGeometry: set padding/pad_if_needed in it, not "
-                                 "as separate arguments")
-            geometry = crop
+        if isinstance(crop, (CropGeometry, GeometricTransform)):
+            if CropGeometry((1, 1), padding).padding != (0, 0) or pad_if_needed:
+                raise ValueError(f"crop is a {type(crop).__name__}: set padding/pad_if_needed "
+                                 f"in it, not as separate arguments")
+            geometry = fixed_crop_of(crop) or crop
         else:
             geometry = CropGeometry(crop, padding, pad_if_needed)
         batch_size = data_loader.batch_size
@@ -287,15 +310,6 @@ class CropDPDataLoader(DataLoader):
                    generator=generator, seed=seed, secure=secure, distributed=distributed,
                    ignore_index=ignore_index, post_crop_transform=post_crop_transform,
                    allow_unchecked_transforms=allow_unchecked_transforms, **kwargs)
-
-
-def sample_image(sample):
-    """The image of a sample: a bare image, ``sample[0]`` or ``sample["image"]``."""
-    if isinstance(sample, dict):
-        return sample["image"]
-    if isinstance(sample, (tuple, list)):
-        return sample[0]
-    return sample
 
 
 def scan_image_sizes(dataset) -> list[tuple[int, int]]:

@@ -17,10 +17,18 @@ For a parameter draw ``theta`` of a :class:`~patchdp_opacus.privacy.geometric.Ge
 
 Result = ``torchvision.transforms.v2.functional.resize`` of the whole image to the transform's
 resized size, constant padding, crop (or ``resized_crop`` for RandomResizedCrop), up to float
-rounding (tests compare them).  Images: tensors ``[..., H, W]`` (any leading dims) or numpy
-``H x W`` / ``H x W x C``.  Float images are resampled in their dtype (half precision in
-float32); integer images in float32, then rounded and clamped to the dtype's range, as
-torchvision does for uint8.
+rounding (tests compare them).  Images: tensors ``[..., H, W]`` (any leading dims), numpy
+``H x W`` / ``H x W x C``, or PIL images.  Float images are resampled in their dtype (half
+precision in float32); integer images in float32, then rounded and clamped to the dtype's
+range, as torchvision does for uint8.
+
+PIL images are converted explicitly, with one rule: ``np.asarray(image)`` is resampled with
+*torch's* kernels (not PIL's own ``resize``, whose antialiased kernels differ slightly) and
+turned back into an image of the same mode (palette ``P`` / ``PA`` images keep their palette).
+Modes without a faithful array round trip (``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ...) are
+refused, and so are palette images resampled with a blending kernel (a blend of palette
+indices is not a colour): convert them in the dataset's transform.  Masks are nearest, so any
+mask mode works.
 
 Drawing ``theta``: :meth:`~patchdp_opacus.privacy.geometric.GeometricTransform.draw_moduli`
 gives the ranges ``(M_g, M_y, M_x)`` of three uniform integers ``(u_g, u_y, u_x)``;
@@ -33,18 +41,31 @@ draws such integers from a ``torch.Generator`` (exact rejection sampling, also f
 
 from __future__ import annotations
 
-import secrets
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from patchdp_opacus.plugin.sampler import WORD, WORD_BITS, uniform_below
+from patchdp_opacus.plugin.sampler import draw_uniforms
 from patchdp_opacus.privacy.footprint import Theta, output_taps
 from patchdp_opacus.privacy.geometric import GeometricTransform, as_transform
 from patchdp_opacus.privacy.interpolation import NEAREST, Taps
 
+try:  # PIL is a torchvision dependency; keep the module importable without it
+    from PIL import Image as _PILImage
+except ImportError:  # pragma: no cover
+    _PILImage = None
+
 DEFAULT_IGNORE_INDEX = 255
+__all__ = ["FootprintError", "resample", "resample_sample", "draw_uniforms", "draw_theta"]
+
+
+class FootprintError(RuntimeError):
+    """Resampling would read a source pixel outside the footprint window the accountant's
+    ``p`` is computed from (the transform's footprint and its kernels disagree)."""
+
+
+def _is_pil(x) -> bool:
+    return _PILImage is not None and isinstance(x, _PILImage.Image)
 
 
 def _spatial_size(x) -> tuple[int, int]:
@@ -56,15 +77,17 @@ def _spatial_size(x) -> tuple[int, int]:
         if x.ndim not in (2, 3):
             raise ValueError(f"expected an array H x W or H x W x C, got shape {x.shape}")
         return int(x.shape[0]), int(x.shape[1])
-    raise TypeError(f"cannot resample a {type(x).__name__}: expected a torch tensor [..., H, W] "
-                    f"or a numpy array H x W (x C)")
+    if _is_pil(x):
+        return int(x.size[1]), int(x.size[0])
+    raise TypeError(f"cannot resample a {type(x).__name__}: expected a torch tensor [..., H, W], "
+                    f"a numpy array H x W (x C) or a PIL image")
 
 
 def _local(taps: Taps, lo: int, hi: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Tap indices relative to the window ``[lo, hi)`` (zero-weight padding columns point
     inside it) and their weights; raises if a tap lies outside the window."""
     if len(taps) and (taps.first.min() < lo or taps.last.max() >= hi):
-        raise RuntimeError(
+        raise FootprintError(
             f"resampling taps read source samples {taps.first.min()}..{taps.last.max()} outside "
             f"the footprint window [{lo}, {hi}): the footprint and the resampling disagree")
     width = taps.weights.shape[1]
@@ -112,6 +135,8 @@ def resample(x, transform, theta, *, is_mask: bool = False, fill=None):
     ``is_mask``: nearest kernel and ``fill`` default 255 (else the transform's kernel, fill 0).
     """
     transform: GeometricTransform = as_transform(transform)
+    if _is_pil(x):
+        return _resample_pil(x, transform, theta, is_mask=is_mask, fill=fill)
     if isinstance(x, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(x))
         t = t.permute(2, 0, 1) if x.ndim == 3 else t
@@ -120,8 +145,14 @@ def resample(x, transform, theta, *, is_mask: bool = False, fill=None):
     size = _spatial_size(x)
     theta = Theta(*theta)
     interp = NEAREST if is_mask else transform.interpolation
+    if interp not in transform.interpolations:
+        raise FootprintError(
+            f"{interp.describe()} is not among the kernels "
+            f"{[k.describe() for k in transform.interpolations]} whose footprints p is computed "
+            f"from: resampling would read outside the footprint window")
     fill = (DEFAULT_IGNORE_INDEX if is_mask else 0) if fill is None else fill
     plan_y, plan_x = transform.plans(size)[theta.choice]
+    _check_fill(x.dtype, fill, is_mask, plan_y, plan_x)
     out = torch.full((*x.shape[:-2], plan_y.out, plan_x.out), fill, dtype=x.dtype,
                      device=x.device)
     window = transform.footprint(size, theta)
@@ -138,11 +169,48 @@ def resample(x, transform, theta, *, is_mask: bool = False, fill=None):
     return out
 
 
+def _check_fill(dtype: torch.dtype, fill, is_mask: bool, plan_y, plan_x) -> None:
+    """The padding value must fit the dtype whenever this choice can pad (checked on every
+    sample, not only on those whose output reaches the padding)."""
+    if not any((plan_y.before, plan_y.after, plan_x.before, plan_x.after)):
+        return
+    if dtype == torch.bool or (not dtype.is_floating_point and not dtype.is_complex
+                               and not torch.iinfo(dtype).min <= fill <= torch.iinfo(dtype).max):
+        what = "mask" if is_mask else "image"
+        raise TypeError(f"{what} of dtype {dtype} cannot hold the padding value {fill}; use a "
+                        f"dtype that can, e.g. uint8 or int64 for masks")
+
+
+#: PIL modes whose ``np.asarray`` / ``Image.fromarray`` round trip is faithful.
+_PIL_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "I", "I;16", "F")
+
+
+def _resample_pil(x, transform, theta, *, is_mask: bool, fill):
+    """PIL image -> array -> :func:`resample` -> PIL image of the same mode (see the module
+    docstring for the rule)."""
+    if x.mode not in _PIL_MODES:
+        raise TypeError(f"cannot resample a PIL image of mode {x.mode!r} faithfully; convert it "
+                        f"(e.g. image.convert('RGB')) or to a tensor in the dataset's transform")
+    if x.mode in ("P", "PA") and not is_mask and not transform.interpolation.is_nearest:
+        raise TypeError(f"a palette ('{x.mode}') image cannot be resampled with "
+                        f"{transform.interpolation.describe()}: a blend of palette indices is "
+                        f"not a colour; convert it to 'RGB' in the dataset's transform, or use "
+                        f"interpolation='nearest'")
+    out = resample(np.array(x), transform, theta, is_mask=is_mask, fill=fill)
+    image = _PILImage.fromarray(out)
+    if x.mode in ("P", "PA"):
+        image.putpalette(x.getpalette())
+    if image.mode != x.mode:  # pragma: no cover - guarded by _PIL_MODES
+        raise TypeError(f"PIL mode {x.mode!r} did not survive resampling (got {image.mode!r})")
+    return image
+
+
 def resample_sample(sample, transform, theta, *, image_fill=0,
                     ignore_index=DEFAULT_IGNORE_INDEX):
-    """``resample`` a bare image, an ``(image, mask, ...)`` tuple/list (spatial elements after
-    the first are masks of the image's size; others, e.g. class labels, pass through) or a dict
-    with an ``"image"`` key, all with the same ``theta``."""
+    """``resample`` a bare image, an ``(image, mask, ...)`` tuple/list/namedtuple (spatial
+    elements after the first -- tensors/arrays with >= 2 dims, PIL images -- are masks of the
+    image's size; others, e.g. class labels, pass through) or a dict with an ``"image"`` key,
+    all with the same ``theta``.  Types are kept."""
     if isinstance(sample, dict):
         if "image" not in sample:
             raise ValueError(f"dict samples need an 'image' key, got keys {sorted(sample)}")
@@ -156,7 +224,8 @@ def resample_sample(sample, transform, theta, *, image_fill=0,
     size = _spatial_size(image)
     out = [resample(image, transform, theta, fill=image_fill)]
     for pos, item in enumerate(rest, start=1):
-        spatial = isinstance(item, (torch.Tensor, np.ndarray)) and item.ndim >= 2
+        spatial = (isinstance(item, (torch.Tensor, np.ndarray)) and item.ndim >= 2) \
+            or _is_pil(item)
         if not spatial:
             out.append(item)
             continue
@@ -164,45 +233,12 @@ def resample_sample(sample, transform, theta, *, image_fill=0,
             raise ValueError(f"sample element {pos} has spatial size {_spatial_size(item)}, "
                              f"not the image's {size} (height, width)")
         out.append(resample(item, transform, theta, is_mask=True, fill=ignore_index))
-    return type(sample)(out) if isinstance(sample, tuple) else out
+    if isinstance(sample, tuple):
+        return type(sample)(*out) if hasattr(sample, "_fields") else type(sample)(out)
+    return out
 
 
 # --------------------------------------------------------------------------- drawing theta
-
-def draw_uniforms(moduli: Sequence[int], generator: torch.Generator | None = None, *,
-                  secure: bool = False) -> list[int]:
-    """Exactly uniform integers ``u_k`` in ``[0, moduli[k])``, any size of modulus.
-
-    Moduli up to ``2**62`` use the sampler's rejection sampling on 62-bit words
-    (:func:`~patchdp_opacus.plugin.sampler.uniform_below`); larger ones concatenate ``k``
-    uniform words into ``U < 2**(62 k)`` and accept ``U`` below the largest multiple of the
-    modulus.  ``secure=True`` draws from the OS CSPRNG (:func:`secrets.randbelow`)."""
-    moduli = [int(m) for m in moduli]
-    if any(m < 1 for m in moduli):
-        raise ValueError(f"moduli must be >= 1, got {moduli}")
-    if secure:
-        if generator is not None:
-            raise ValueError("secure=True draws from the OS CSPRNG; do not also pass a generator")
-        return [secrets.randbelow(m) for m in moduli]
-    small = [m for m in moduli if m <= WORD]
-    drawn = iter(uniform_below(small, generator))
-    out = []
-    for m in moduli:
-        if m <= WORD:
-            out.append(next(drawn))
-            continue
-        words = -(-m.bit_length() // WORD_BITS)
-        span = 1 << (WORD_BITS * words)
-        limit = span - span % m
-        while True:
-            value = 0
-            for w in uniform_below([WORD] * words, generator):
-                value = (value << WORD_BITS) | w
-            if value < limit:
-                out.append(value % m)
-                break
-    return out
-
 
 def draw_theta(transform, image_size, generator: torch.Generator | None = None, *,
                image_sizes=None, secure: bool = False) -> Theta:

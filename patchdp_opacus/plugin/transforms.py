@@ -14,12 +14,15 @@ the property:
   image size at crop time against the declared ``image_sizes``, which are the sizes *after*
   these transforms, and the private region is measured in those pixels.
 * refused, with the reason: random crops of any kind (the loader crops), random-scale crops and
-  random resizes, data-dependent crops, non-constant padding (copies R into the border),
-  rotations / affine / perspective / elastic warps, sample mixing (MixUp, CutMix, Mosaic),
+  random resizes (the loader owns them: ``RandomScaleCrop``, ``RandomResizedCrop``, ``Resize``
+  of :mod:`patchdp_opacus.privacy.geometric`, given as ``crop=``), data-dependent crops,
+  non-constant padding (copies R into the border), rotations / affine / perspective / elastic
+  warps, sample mixing (MixUp, CutMix, Mosaic),
   image-global statistics (equalize, autocontrast, contrast around the image mean, brightness
   by the image mean, per-image normalisation, PCA grayscale, ISO noise scaled by the image's
   spread: every output pixel then depends on R), and interpolating resizes (bilinear/bicubic
-  spread R over the kernel support, so crops next to R depend on it).
+  spread R over the kernel support, so crops next to R depend on it; the loader-owned
+  ``Resize`` accounts for that support).
 * needs review (refused unless ``allow_unchecked_transforms`` names it or is ``True``, then
   recorded in ``PatchPrivacySpec.unchecked_transforms``): neighbourhood filters (blur, sharpen,
   JPEG), arbitrary functions, 90-degree rotations, pixel noise whose random stream depends on
@@ -68,16 +71,21 @@ POST_CROP = ("; if you need it, apply it after the crop with post_crop_transform
              "it)")
 RANDOM_CROP = ("a random crop in the user's pipeline: the loader applies the only crop the "
                "privacy analysis covers; remove it and give the crop to the loader (crop=...)")
-SCALE_CROP = ("crops at a random scale and resizes: the private region's size in pixels changes "
-              "with the scale, so p computed for the declared region does not hold; remove it "
-              "(the loader crops), or use a nearest-neighbour Resize before the loader's crop")
+SCALE_CROP = ("crops a box of random size and resizes it (RandomResizedCrop-like): a crop in the "
+              "user's pipeline, whose box and interpolation the accountant cannot see; remove it "
+              "and let the loader own it: crop=patchdp_opacus.privacy.RandomResizedCrop(size, "
+              "scale=(0.08, 1), ratio=(3/4, 4/3), grid=(8, 5)) draws the box from a finite grid "
+              "and p counts the box plus the interpolation kernel's support")
 DATA_CROP = ("data-dependent crop (placed by the mask or boxes): crop origins are not uniform and "
              "may seek out the private region; remove it")
 MULTI_CROP = ("returns several crops per sample; the analysis covers one uniform crop per sample "
               "made by the loader; remove it")
-RANDOM_SCALE = ("random rescaling: the private region's size in pixels changes with the scale; "
-                "use a deterministic nearest-neighbour Resize to a fixed size and declare that "
-                "size")
+RANDOM_SCALE = ("random rescaling before the crop: the private region's size in pixels changes "
+                "with the scale and the interpolation spreads it, so p for the declared region "
+                "does not hold; remove it and let the loader own it: "
+                "crop=patchdp_opacus.privacy.RandomScaleCrop(crop_size, scale_range=(0.5, 2.0), "
+                "scale_step=0.25, pad_if_needed=True) resizes by a scale from a finite grid, pads "
+                "and crops, and p counts each output's source footprint")
 WARP = ("rotation/affine/perspective/elastic warp before the crop moves and reshapes the private "
         "region (its footprint grows and borders may be filled from the image), which the "
         "analysis does not cover; remove it" + POST_CROP)
@@ -97,8 +105,11 @@ INTERPOLATING_RESIZE = ("interpolating resize before the crop spreads every pixe
                         "region over the interpolation kernel (bilinear: 1 source pixel, bicubic: "
                         "2, antialiased downscaling: the kernel widened by 1/scale), so crops "
                         "next to the region depend on it and p for the declared region does not "
-                        "hold; use interpolation=NEAREST (cv2.INTER_NEAREST) and declare the "
-                        "region in resized pixels, or resize the images offline")
+                        "hold; let the loader own it: crop=patchdp_opacus.privacy.Resize(size, "
+                        "interpolation='bilinear', crop=(h, w)) resizes, then crops, with the "
+                        "region declared in stored pixels and p counting the kernel's support; "
+                        "or use interpolation=NEAREST (cv2.INTER_NEAREST) and declare the region "
+                        "in resized pixels, or resize the images offline")
 NEIGHBOURHOOD = ("mixes neighbouring pixels (kernel/block filter), so the private region leaks "
                  "into pixels up to the kernel radius away; enlarge private_region by the kernel "
                  "size on each side before accepting it" + POST_CROP)

@@ -484,6 +484,61 @@ def as_transform(obj) -> GeometricTransform:
     raise TypeError(f"expected a CropGeometry or a geometric transform, got {type(obj).__name__}")
 
 
+#: ``privacy.transform`` of a config: kind -> the keys it may hold (constructor arguments; the
+#: crop, padding and pad_if_needed come from ``privacy.crop`` / ``padding`` / ``pad_if_needed``).
+CONFIG_KEYS = {
+    RandomScaleCrop.kind: ("scales", "scale_range", "scale_step", "interpolation", "antialias"),
+    Resize.kind: ("size", "interpolation", "antialias"),
+    RandomResizedCrop.kind: ("scale", "ratio", "grid", "interpolation", "antialias"),
+}
+
+
+def geometry_from_config(crop, padding=(0, 0), pad_if_needed=False, transform=None):
+    """The loader's geometry from a config's ``privacy`` section: ``crop`` (the output size
+    the model sees, ``(h, w)``), ``padding``, ``pad_if_needed`` and an optional ``transform``
+    mapping ``{kind: ..., <arguments>}`` (keys: :data:`CONFIG_KEYS`; numbers may be strings
+    such as ``"3/4"``, read exactly)::
+
+        None                                          -> CropGeometry(crop, padding, ...)
+        {kind: random_scale_crop, scale_range: [0.5, 2.0], scale_step: 0.25}
+                                                      -> RandomScaleCrop(CropGeometry(...), ...)
+        {kind: resize, size: [300, 300]}              -> Resize(size, crop=CropGeometry(...))
+        {kind: random_resized_crop, scale: [0.08, 1]} -> RandomResizedCrop(crop, ...)
+
+    RandomResizedCrop's output size is ``crop`` (its box lies inside the image: ``padding`` and
+    ``pad_if_needed`` must stay at 0 / false).  Raises ``ValueError`` naming the key."""
+    geometry = CropGeometry(tuple(crop), tuple(padding), bool(pad_if_needed))
+    if transform is None:
+        return geometry
+    if not isinstance(transform, dict) or "kind" not in transform:
+        raise ValueError(f"transform must be a mapping with a 'kind' ({', '.join(CONFIG_KEYS)}), "
+                         f"got {transform!r}")
+    kind, args = transform["kind"], {k: v for k, v in transform.items() if k != "kind"}
+    if kind not in CONFIG_KEYS:
+        raise ValueError(f"transform.kind {kind!r} is not a loader-owned transform; known: "
+                         f"{', '.join(CONFIG_KEYS)} (a plain crop needs no transform)")
+    unknown = sorted(set(args) - set(CONFIG_KEYS[kind]))
+    if unknown:
+        raise ValueError(f"transform ({kind}): unknown key(s) {unknown}; known: "
+                         f"{', '.join(CONFIG_KEYS[kind])}")
+    for key in ("scale_range", "scale", "ratio", "grid", "size"):
+        if isinstance(args.get(key), list):
+            args[key] = tuple(args[key])
+    try:
+        if kind == RandomScaleCrop.kind:
+            return RandomScaleCrop(geometry, **args)
+        if kind == Resize.kind:
+            if "size" not in args:
+                raise ValueError("needs size: [h, w] (or the shorter side)")
+            return Resize(args.pop("size"), crop=geometry, **args)
+        if geometry.padding != (0, 0) or geometry.pad_if_needed:
+            raise ValueError("its box lies inside the image: leave padding at [0, 0] and "
+                             "pad_if_needed false")
+        return RandomResizedCrop(geometry.crop_size, **args)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"transform ({kind}): {exc}") from None
+
+
 def footprint_inclusion(transform, image_sizes, region) -> FootprintInclusion:
     """``p`` of any transform (a CropGeometry included) through the footprint analysis."""
     return as_transform(transform).inclusion_probability(image_sizes, region)
@@ -491,4 +546,5 @@ def footprint_inclusion(transform, image_sizes, region) -> FootprintInclusion:
 
 __all__ = ["GeometricTransform", "FixedCrop", "RandomScaleCrop", "RandomResizedCrop", "Resize",
            "TRANSFORMS", "transform_from_dict", "as_transform", "footprint_inclusion",
+           "geometry_from_config", "CONFIG_KEYS",
            "scale_grid", "scaled_length", "as_fraction", "clear_caches"]

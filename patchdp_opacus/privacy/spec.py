@@ -96,6 +96,17 @@ class PatchPrivacySpec:
                    tuple(tuple(s) for s in d["image_sizes"]), int(d.get("group_size", 1)),
                    tuple(d.get("unchecked_transforms", ())))
 
+    def describe_geometry(self) -> str:
+        """One line: the crop (padding included) or the transform, for logs and reports."""
+        crop = self.crop
+        if isinstance(crop, CropGeometry):
+            return (f"crop {crop.crop_size[0]}x{crop.crop_size[1]}, padding "
+                    f"{crop.padding[0]}x{crop.padding[1]}, pad_if_needed={crop.pad_if_needed}")
+        inner = getattr(crop, "crop", None)
+        pad = "" if inner is None else (f", padding {inner.padding[0]}x{inner.padding[1]}, "
+                                        f"pad_if_needed={inner.pad_if_needed}")
+        return crop.describe() + pad
+
     def same_geometry(self, other: "PatchPrivacySpec") -> bool:
         a, b = self.to_dict(), other.to_dict()
         a.pop("unchecked_transforms"), b.pop("unchecked_transforms")

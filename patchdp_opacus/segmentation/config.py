@@ -54,9 +54,12 @@ class PrivacyConfig:
     epsilon: Optional[float] = 8.0       # target epsilon; None with noise_multiplier set
     noise_multiplier: Optional[float] = None
     delta: Optional[float] = None        # default 1 / N
-    crop: list = field(default_factory=lambda: [505, 505])
+    crop: list = field(default_factory=lambda: [505, 505])  # what the model sees (height, width)
     padding: list = field(default_factory=lambda: [0, 0])
     pad_if_needed: bool = False
+    # loader-owned resampling before/with the crop, e.g. {kind: random_scale_crop,
+    # scale_range: [0.5, 2.0], scale_step: 0.25}; see privacy.geometric.geometry_from_config
+    transform: Optional[dict] = None
     private_region: dict = field(default_factory=lambda: {"shape": "rectangle", "size": [10, 10]})
     max_grad_norm: float = 2.0
     secure_sampling: bool = False
@@ -296,6 +299,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "privacy.crop": _pixels,
     "privacy.padding": _pixels0,
     "privacy.pad_if_needed": _boolean,
+    "privacy.transform": _optional(_mapping),
     "privacy.private_region": _private_region,
     "privacy.max_grad_norm": _number(float, low=0, low_open=True, unit="clip norm C"),
     "privacy.secure_sampling": _boolean,
@@ -352,8 +356,26 @@ def _secure_or_reproducible(cfg: "ExperimentConfig"):
 
 
 #: Rules between keys: each raises ConfigError naming a key.
+def _loader_geometry_builds(cfg: "ExperimentConfig"):
+    try:
+        loader_geometry(cfg.privacy)
+    except (TypeError, ValueError) as exc:
+        key = "privacy.transform" if cfg.privacy.transform is not None else "privacy.crop"
+        raise ConfigError(key, str(exc)) from None
+
+
+def loader_geometry(privacy: PrivacyConfig):
+    """The geometry the loader applies and the accountant uses: a crop, or the loader-owned
+    transform of ``privacy.transform`` (random scale + crop, resize + crop, RandomResizedCrop)
+    whose output is ``privacy.crop``."""
+    from patchdp_opacus.privacy.geometric import geometry_from_config
+
+    return geometry_from_config(privacy.crop, privacy.padding, privacy.pad_if_needed,
+                                privacy.transform)
+
+
 CROSS_CHECKS: list[Callable[["ExperimentConfig"], None]] = [
-    _one_noise_setting, _secure_or_reproducible, _dataset_arguments]
+    _one_noise_setting, _secure_or_reproducible, _dataset_arguments, _loader_geometry_builds]
 
 
 # --------------------------------------------------------------------------- building

@@ -270,13 +270,11 @@ def run_report(engine_report: dict, *, config_name: str, accounting: str, stoppe
 def report_lines(report: dict) -> list[str]:
     """privacy_report.txt: the claim in words, one fact per line."""
     geo = report.get("geometry") or {}
-    crop = geo.get("crop") or {}
     lines = [
         f"patch-level DP-SGD privacy report ({report.get('config_name')})",
         f"relation: {report.get('relation')}; sampling: {report.get('sampling')}",
-        f"crop {crop.get('crop_size')} padding {crop.get('padding')} pad_if_needed "
-        f"{crop.get('pad_if_needed')}; image sizes {geo.get('image_sizes')}; private region "
-        f"{geo.get('region')}",
+        f"{report.get('geometry_description')}; image sizes {geo.get('image_sizes')}; private "
+        f"region {geo.get('region')}",
         f"p = {geo.get('inclusion_fraction')} = {geo.get('inclusion_probability')}",
         f"N = {report.get('dataset_size')}, B = {report.get('batch_size')}, "
         f"q = {report.get('sample_rate')}, w = q*p = {report.get('effective_sample_rate')}",

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import secrets
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -38,9 +37,9 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 
 from patchdp_opacus.plugin.engine import PrivacyEngine
-from patchdp_opacus.privacy import CropGeometry, PatchDPSGD, accounting, region_from_dict
+from patchdp_opacus.privacy import PatchDPSGD, PatchPrivacySpec, accounting, region_from_dict
 from patchdp_opacus.segmentation import outputs
-from patchdp_opacus.segmentation.config import ConfigError, ExperimentConfig
+from patchdp_opacus.segmentation.config import ConfigError, ExperimentConfig, loader_geometry
 from patchdp_opacus.segmentation.datasets import build_dataset
 from patchdp_opacus.segmentation.losses import PerImageCrossEntropy
 from patchdp_opacus.segmentation.metrics import ConfusionMatrix
@@ -108,14 +107,14 @@ def build_datasets(cfg: ExperimentConfig):
     if len(train_set) == 0:
         raise ConfigError("dataset.train", f"the training split of dataset {d.name!r} at "
                                            f"{d.root} is empty")
-    crop = CropGeometry(tuple(cfg.privacy.crop), tuple(cfg.privacy.padding),
-                        cfg.privacy.pad_if_needed)
-    for size in sorted(getattr(train_set, "image_sizes", ())):  # before the model is built
+    sizes = sorted(tuple(s) for s in getattr(train_set, "image_sizes", ()))
+    if sizes:  # before the model is built: the geometry fits every training image
         try:
-            crop.axes(tuple(size))
+            PatchPrivacySpec(loader_geometry(cfg.privacy),
+                             region_from_dict(cfg.privacy.private_region), sizes)
         except ValueError as exc:
-            raise ConfigError("privacy.crop", f"{exc} (training image size {tuple(size)})") \
-                from None
+            key = "privacy.transform" if cfg.privacy.transform else "privacy.crop"
+            raise ConfigError(key, f"{exc} (training image sizes {sizes})") from None
     return train_set, val_set
 
 
@@ -175,17 +174,10 @@ def _model_seed(cfg: ExperimentConfig, epoch: int) -> Optional[int]:
     return int(np.random.SeedSequence([cfg.training.seed, epoch]).generate_state(1)[0])
 
 
-def _sampling_seed(cfg: ExperimentConfig, world: int) -> Optional[int]:
-    """The loader's seed: the config seed when sampling is reproducible; otherwise None (the
-    engine draws batches and crops from OS entropy) or, with several ranks, which must draw the
-    same global batch, a fresh secret seed from rank 0."""
-    if cfg.privacy.reproducible_sampling:
-        return cfg.training.seed
-    if world == 1 or cfg.privacy.secure_sampling:
-        return None
-    shared = [secrets.randbits(63)]
-    torch.distributed.broadcast_object_list(shared, src=0)
-    return int(shared[0])
+def _sampling_seed(cfg: ExperimentConfig) -> Optional[int]:
+    """The loader's seed: the config seed when sampling is reproducible, else None (batches and
+    crops from OS entropy; with several ranks the loader shares a secret seed from rank 0)."""
+    return cfg.training.seed if cfg.privacy.reproducible_sampling else None
 
 
 class Progress:
@@ -239,10 +231,9 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, *, resume: bool = True,
         if pcfg.reproducible_noise else None
     common = dict(module=model, optimizer=optimizer, data_loader=base_loader,
                   criterion=criterion, max_grad_norm=pcfg.max_grad_norm,
-                  crop=tuple(pcfg.crop), padding=tuple(pcfg.padding),
-                  pad_if_needed=pcfg.pad_if_needed,
+                  crop=loader_geometry(pcfg),
                   private_region=region_from_dict(pcfg.private_region),
-                  seed=_sampling_seed(cfg, world), noise_generator=noise_generator,
+                  seed=_sampling_seed(cfg), noise_generator=noise_generator,
                   grad_sample_mode=t.grad_sample_mode)
     if t.fast_options:
         common["fast_options"] = dict(t.fast_options)
