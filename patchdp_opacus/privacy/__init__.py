@@ -21,6 +21,7 @@ from patchdp_opacus.privacy.accounting import (
     privacy_profile,
 )
 from patchdp_opacus.privacy.baselines import (
+    GaussianAugmentation,
     data_level_profile,
     gaussian_augmentation_tv,
     input_sensitivity,
@@ -62,7 +63,7 @@ from patchdp_opacus.privacy.spec import PatchPrivacySpec
 
 __all__ = [
     "DEFAULT_DISCRETIZATION", "SENSITIVITY", "PatchDPSGD", "calibrate_noise", "delta", "epsilon",
-    "group_epsilon", "privacy_profile", "data_level_profile", "gaussian_augmentation_tv",
+    "group_epsilon", "privacy_profile", "GaussianAugmentation", "data_level_profile", "gaussian_augmentation_tv",
     "input_sensitivity", "CropGeometry", "InclusionProbability", "inclusion_probability",
     "mask_hit_counts", "rectangle_inclusion", "Circle", "Cluster", "Crescent", "Mask",
     "PrivateRegion", "Rectangle", "Square", "Union", "as_region", "make_region",

@@ -6,6 +6,12 @@ accounted for is the geometry applied.  The geometry is a fixed-size random crop
 (:class:`~.geometry.CropGeometry`, Lemma 1) or a loader-owned geometric transform
 (:class:`~.geometric.GeometricTransform`: random scale + crop, RandomResizedCrop, resize;
 ``p`` from its footprint, :mod:`.footprint`).
+
+The spec may also hold a :class:`~.baselines.GaussianAugmentation`: then the loader adds
+``N(0, sigma_aug^2)`` to every sample (in stored-image pixel units) and the accountant can
+report the Gaussian-augmentation baseline, ``w = q * TV(sigma_aug)``, from the same object.
+Two specs carry the same claim only if their augmentation is the same too
+(:meth:`PatchPrivacySpec.same_geometry`).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+from patchdp_opacus.privacy.baselines import GaussianAugmentation
 from patchdp_opacus.privacy.geometric import (
     GeometricTransform,
     as_transform,
@@ -41,13 +48,15 @@ class PatchPrivacySpec:
     case over them); group_size: number of regions per image protected by group privacy (1 =
     one region, or a :class:`~.regions.Union` mask); unchecked_transforms: names of user
     transforms the pipeline inspection could not vouch for, accepted by an explicit override
-    (recorded in privacy reports)."""
+    (recorded in privacy reports); augmentation: the Gaussian noise the loader adds to every
+    sample (a :class:`~.baselines.GaussianAugmentation` or its dict), or None."""
 
     crop: CropGeometry | GeometricTransform
     region: PrivateRegion
     image_sizes: tuple
     group_size: int = 1
     unchecked_transforms: tuple = field(default=())
+    augmentation: GaussianAugmentation | None = None
 
     def __post_init__(self):
         if not isinstance(self.crop, (CropGeometry, GeometricTransform)):
@@ -55,6 +64,13 @@ class PatchPrivacySpec:
         object.__setattr__(self, "region", as_region(self.region))
         object.__setattr__(self, "image_sizes", tuple(_as_size_list(self.image_sizes)))
         object.__setattr__(self, "unchecked_transforms", tuple(self.unchecked_transforms))
+        if isinstance(self.augmentation, dict):
+            object.__setattr__(self, "augmentation",
+                               GaussianAugmentation.from_dict(self.augmentation))
+        if self.augmentation is not None and not isinstance(self.augmentation,
+                                                            GaussianAugmentation):
+            raise TypeError(f"augmentation must be a GaussianAugmentation, got "
+                            f"{type(self.augmentation).__name__}")
         if int(self.group_size) < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         for size in self.image_sizes:  # fail early: crop must fit, region must fit
@@ -78,6 +94,14 @@ class PatchPrivacySpec:
         """p as a float (exact fraction in ``self.inclusion.fraction``)."""
         return self.inclusion.value
 
+    @property
+    def augmentation_tv(self) -> float | None:
+        """``TV(sigma_aug)`` of the region (the Gaussian-augmentation factor replacing ``p``),
+        or None without augmentation."""
+        if self.augmentation is None:
+            return None
+        return self.augmentation.amplification(self.region)
+
     def to_dict(self) -> dict:
         return {
             "crop": self.crop.to_dict(),
@@ -88,13 +112,16 @@ class PatchPrivacySpec:
             "inclusion_probability": self.inclusion.value,
             "inclusion_fraction": f"{self.inclusion.fraction.numerator}/"
                                   f"{self.inclusion.fraction.denominator}",
+            "augmentation": None if self.augmentation is None else {
+                **self.augmentation.to_dict(), "tv": self.augmentation_tv,
+                "sensitivity": self.augmentation.sensitivity(self.region)},
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "PatchPrivacySpec":
         return cls(transform_from_dict(d["crop"]), region_from_dict(d["region"]),
                    tuple(tuple(s) for s in d["image_sizes"]), int(d.get("group_size", 1)),
-                   tuple(d.get("unchecked_transforms", ())))
+                   tuple(d.get("unchecked_transforms", ())), d.get("augmentation"))
 
     def describe_geometry(self) -> str:
         """One line: the crop (padding included) or the transform, for logs and reports."""
@@ -108,6 +135,8 @@ class PatchPrivacySpec:
         return crop.describe() + pad
 
     def same_geometry(self, other: "PatchPrivacySpec") -> bool:
+        """Same crop/transform, region, image sizes, group size and augmentation (the
+        unchecked-transform list may differ): the same claim."""
         a, b = self.to_dict(), other.to_dict()
         a.pop("unchecked_transforms"), b.pop("unchecked_transforms")
         return a == b
