@@ -36,6 +36,11 @@ with a few other records.  It reports:
 * ``origin_uniformity``: chi-square p-values of the parameters the loader's sampler draws
   (``choice`` when the transform has several, origins per axis pooled over choices).
 
+With Gaussian-noise augmentation in the spec both neighbours of a trial get the same noise
+seed (as they get the same draws): the noise is then identical and the pair still differs
+only where the footprint meets R.  The audit checks the crop's claim ``p``; the noise's own
+claim (``TV``) is a property of the noise's law, tested on the loader's samples directly.
+
 The verdict passes when the rate is not refuted and all violation counts are zero.  The
 random-generator reset covers Python's ``random``, numpy's and torch's global generators and
 every albumentations ``Compose`` reachable from the dataset or the post-crop stage; a
@@ -514,6 +519,9 @@ def audit_loader(loader: CropDPDataLoader, *, trials: int = 2000, confidence: fl
     def draw():
         return tuple(draw_rng.randrange(m) for m in moduli)
 
+    def noise_seed():  # Gaussian augmentation: the same seed for both neighbours of a trial
+        return None if spec.augmentation is None else draw_rng.randrange(2**62)
+
     others = [i for i in range(len(dataset)) if i != index][:max(batch - 1, 0)]
     collate = loader.collate_fn
     differing = outside = leaks = footprint_errors = 0
@@ -521,8 +529,8 @@ def audit_loader(loader: CropDPDataLoader, *, trials: int = 2000, confidence: fl
     for t in range(trials):
         draws = draw()
         trial_seed = int(rng.integers(2**31))
-        other_tokens = [make_token(spec.crop, o, draw()) for o in others]
-        token = make_token(spec.crop, index, draws)
+        other_tokens = [make_token(spec.crop, o, draw(), noise_seed()) for o in others]
+        token = make_token(spec.crop, index, draws, noise_seed())
         outputs = []
         try:
             for image in (img_a, img_b):

@@ -4,6 +4,12 @@ History entries are Opacus-style ``(noise_multiplier z, sample_rate q, steps)`` 
 (the batch sampling rate, *not* ``q * p``).  The inclusion probability ``p`` of the crop
 geometry is applied exactly once, when epsilon is evaluated by the pure privacy layer; the
 record-level epsilon of the same history is the same computation with ``p = 1``.
+
+Levels (:data:`LEVELS`): one history, three analyses of it, each ``w = q * factor``
+(:func:`amplification`): ``"patch"`` (``p`` of the spec's geometry), ``"record"`` (1) and
+``"gaussian_augmentation"`` (``TV(sigma_aug)`` of the spec's
+:class:`~patchdp_opacus.privacy.baselines.GaussianAugmentation`: only when the spec holds one,
+i.e. when the loader that reads the same spec adds that noise to every sample).
 """
 
 from __future__ import annotations
@@ -23,7 +29,28 @@ MECHANISM = "patch_pld"
 #: Neighbouring relation the accountant's numbers are valid for.
 RELATION = "patch-level substitution, fixed-size batches sampled uniformly without replacement"
 
-LEVELS = ("patch", "record")
+LEVELS = ("patch", "record", "gaussian_augmentation")
+
+
+def amplification(spec: Optional[PatchPrivacySpec], level: str) -> float:
+    """The factor of ``q`` in ``w`` for ``level``: ``p`` (patch), 1 (record) or
+    ``TV(sigma_aug)`` (gaussian_augmentation).  The one place that maps a level to its factor
+    (the accountant, the engine's calibration and the training app read it).
+
+    Raises ``ValueError`` for an unknown level, and for ``gaussian_augmentation`` without a
+    spec that holds the augmentation (no noise is added, so no TV may be claimed)."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    if level == "record":
+        return 1.0
+    if level == "patch":
+        return 1.0 if spec is None else spec.inclusion_probability
+    if spec is None or spec.augmentation is None:
+        raise ValueError("level='gaussian_augmentation' needs the Gaussian noise augmentation in "
+                         "the privacy spec (the loader then adds the noise to every sample): pass "
+                         "gaussian_augmentation=GaussianAugmentation(sigma_aug, channels) to "
+                         "make_private / CropDPDataLoader, or privacy.sigma_aug in a config")
+    return spec.augmentation_tv
 
 
 class GradientAccumulationError(RuntimeError):
@@ -74,12 +101,15 @@ class PatchPLDAccountant(IAccountant):
     def __len__(self) -> int:
         return int(sum(steps for _, _, steps in self.history))
 
+    def amplification(self, level: str = "patch") -> float:
+        """The factor of ``q`` for ``level`` (see :func:`amplification`)."""
+        return amplification(self.spec, level)
+
     def _runs(self, level: str, inclusion_probability: Optional[float]):
-        if level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-        p = 1.0 if level == "record" else (
-            self.inclusion_probability if inclusion_probability is None
-            else float(inclusion_probability))
+        if inclusion_probability is not None and level == "patch":
+            p = float(inclusion_probability)
+        else:
+            p = self.amplification(level)
         return [accounting.PatchDPSGD(z, q, p, steps) for z, q, steps in self.history]
 
     def get_epsilon(self, delta: float, *, level: str = "patch",
@@ -87,7 +117,8 @@ class PatchPLDAccountant(IAccountant):
         """Epsilon (nats) of the steps in ``history`` at ``delta`` (per run).
 
         ``level="patch"`` uses the spec's ``p``; ``level="record"`` uses ``p = 1`` (the
-        record-level baseline under substitution for the same steps)."""
+        record-level baseline under substitution for the same steps);
+        ``level="gaussian_augmentation"`` uses ``TV(sigma_aug)`` of the spec's augmentation."""
         return accounting.epsilon(self._runs(level, inclusion_probability), delta,
                                   self.discretization)
 

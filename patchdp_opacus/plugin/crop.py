@@ -37,7 +37,8 @@ import torch
 from torch.utils.data import Dataset
 
 from patchdp_opacus.plugin.resample import resample_sample
-from patchdp_opacus.plugin.sampler import WORD, CropToken, TransformToken
+from patchdp_opacus.plugin.augmentation import check_pixel_units, noisy_sample
+from patchdp_opacus.plugin.sampler import WORD, CropToken, TransformToken, with_noise_seed
 from patchdp_opacus.privacy.footprint import Theta
 from patchdp_opacus.privacy.geometric import FixedCrop, GeometricTransform, as_transform
 from patchdp_opacus.privacy.geometry import CropGeometry
@@ -150,11 +151,14 @@ def token_theta(crop, image_size, draws) -> Theta:
     return crop.theta_from_draws(image_size, draws)
 
 
-def make_token(crop, index: int, draws):
-    """The token the loader's sampler would yield for ``index`` and ``draws``."""
+def make_token(crop, index: int, draws, noise_seed: int | None = None):
+    """The token the loader's sampler would yield for ``index`` and ``draws`` (and, with
+    Gaussian augmentation, ``noise_seed``)."""
     if fixed_crop_of(crop) is not None:
-        return CropToken(int(index), *(int(u) for u in draws))
-    return TransformToken(int(index), *(int(u) for u in draws))
+        token = CropToken(int(index), *(int(u) for u in draws))
+    else:
+        token = TransformToken(int(index), *(int(u) for u in draws))
+    return token if noise_seed is None else with_noise_seed(token, noise_seed)
 
 
 class _Window:
@@ -336,10 +340,12 @@ def _is_integer(value) -> bool:
 
 def token_fields(token) -> tuple[int, ...]:
     """``(index, u_y, u_x)`` or ``(index, u_g, u_y, u_x)`` of a token, tuple or list, as
-    Python ints.  Plain indices (Poisson sampling, a replaced sampler) and non-integer fields
+    Python ints, followed by the ``noise_seed`` when the token carries one (Gaussian
+    augmentation).  Plain indices (Poisson sampling, a replaced sampler) and non-integer fields
     (e.g. draws that went through a float array and lost their exactness) are refused."""
     if isinstance(token, TransformToken):
-        return token.index, *token.draws
+        seed = () if token.noise_seed is None else (token.noise_seed,)
+        return token.index, *token.draws, *seed
     if _is_integer(token):
         raise TypeError(
             "CroppingDataset expects crop tokens (index, u_y, u_x) from the loader's "
@@ -349,9 +355,10 @@ def token_fields(token) -> tuple[int, ...]:
         fields = tuple(token)
     except TypeError:
         raise TypeError(f"expected a crop token (index, u_y, u_x), got {token!r}") from None
-    if len(fields) not in (3, 4) or not all(_is_integer(f) for f in fields):
+    if len(fields) not in (3, 4, 5) or not all(_is_integer(f) for f in fields):
         raise TypeError(
-            f"expected a token (index, u_y, u_x) or (index, u_g, u_y, u_x) of integers from "
+            f"expected a token (index, u_y, u_x) or (index, u_g, u_y, u_x) of integers (and a "
+            f"noise seed with Gaussian augmentation) from "
             f"the loader's sampler, got {token!r}" + (
                 "; a float draw has lost its exactness (parameters would not be uniform)"
                 if any(isinstance(f, (float, np.floating)) for f in fields) else ""))
@@ -371,7 +378,14 @@ class CroppingDataset(Dataset):
       list of its fields), resampled from the footprint window of ``theta`` by
       :func:`transform_sample`;
 
-    then ``post_crop_transform`` (if any).  ``len()`` is the wrapped dataset's length."""
+    then ``post_crop_transform`` (if any).  ``len()`` is the wrapped dataset's length.
+
+    With ``spec.augmentation`` (Gaussian-noise augmentation) every token must end with its
+    ``noise_seed`` and the sample's image gets ``N(0, sigma_aug^2)`` noise in stored-image pixel
+    units: after a fixed crop, before a resampling transform, always before
+    ``post_crop_transform`` (:mod:`patchdp_opacus.plugin.augmentation`).  A token without a
+    noise seed is refused then (the accountant's TV would be claimed for noise never added),
+    and so is a noise seed without the augmentation."""
 
     def __init__(self, dataset, spec: PatchPrivacySpec, *, image_fill=0,
                  ignore_index=DEFAULT_IGNORE_INDEX, post_crop_transform=None):
@@ -390,18 +404,29 @@ class CroppingDataset(Dataset):
 
     def __getitem__(self, token):
         fields = token_fields(token)
-        expected = 3 if self._geometry is not None else 4
+        augmentation = self.spec.augmentation
+        expected = (3 if self._geometry is not None else 4) + (augmentation is not None)
         if len(fields) != expected:
-            what = ("a fixed-size crop takes (index, u_y, u_x)" if expected == 3 else
-                    f"{as_transform(self.spec.crop).describe()} takes (index, u_g, u_y, u_x)")
-            raise TypeError(f"token {token!r} does not fit the spec's geometry: {what}")
+            what = ("a fixed-size crop takes (index, u_y, u_x" if self._geometry is not None
+                    else f"{as_transform(self.spec.crop).describe()} takes (index, u_g, u_y, u_x")
+            what += (", noise_seed): the spec adds Gaussian augmentation noise, whose seed the "
+                     "loader's sampler draws (noise_seeds=True)") if augmentation is not None \
+                else ")"
+            raise TypeError(f"token {token!r} does not fit the spec: {what}")
         index, *draws = fields
+        noise_seed = draws.pop() if augmentation is not None else None
         sample = self.dataset[index]
+        if augmentation is not None:
+            check_pixel_units(sample_image(sample), augmentation)  # the dataset's own pixels
         if self._geometry is not None:
             cropped = crop_sample(sample, self._geometry, *draws,
                                   image_sizes=self.spec.image_sizes, image_fill=self.image_fill,
                                   ignore_index=self.ignore_index)
+            if augmentation is not None:  # on the window: the same law as on the whole image
+                cropped = noisy_sample(cropped, sample_image(cropped), augmentation, noise_seed)
         else:
+            if augmentation is not None:  # stored-image units: before any resampling
+                sample = noisy_sample(sample, sample_image(sample), augmentation, noise_seed)
             cropped = transform_sample(sample, self.spec.crop, draws,
                                        image_sizes=self.spec.image_sizes,
                                        image_fill=self.image_fill,

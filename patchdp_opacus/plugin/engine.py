@@ -54,7 +54,7 @@ from opacus.optimizers import get_optimizer_class
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from patchdp_opacus.plugin.accountant import LEVELS, PatchPLDAccountant
+from patchdp_opacus.plugin.accountant import LEVELS, PatchPLDAccountant, amplification
 from patchdp_opacus.plugin.integrity import (
     ModuleIntegrity,
     NoiseSource,
@@ -75,7 +75,8 @@ OPACUS_DEFAULT_ACCOUNTANT = "prv"
 #: make_private's arguments that only exist in the patch-level mode, with their defaults.
 GEOMETRY_ARGS = {"crop": None, "padding": None, "pad_if_needed": False, "private_region": None,
                  "image_sizes": None, "group_size": 1, "allow_unchecked_transforms": False,
-                 "seed": None, "post_crop_transform": None}
+                 "seed": None, "post_crop_transform": None, "gaussian_augmentation": None,
+                 "augmentation_seed": None}
 
 _POISSON_REFUSAL = (
     "poisson_sampling=True cannot carry a patch-level claim: Theorem 2 is proven for fixed-size "
@@ -267,7 +268,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
                      fast_options: Optional[dict] = None, **kwargs):
         """Opacus' ``make_private``; with ``crop=`` and ``private_region=`` (plus ``padding``,
         ``pad_if_needed``, ``image_sizes``, ``group_size``, ``allow_unchecked_transforms``,
-        ``seed``, ``post_crop_transform``: see
+        ``seed``, ``post_crop_transform``, ``gaussian_augmentation``, ``augmentation_seed``: see
         :meth:`CropDPDataLoader.from_data_loader`) or a CropDPDataLoader, the patch-level mode.
 
         ``noise_multiplier`` z: noise std = z * max_grad_norm.  ``fast_options``: options of a
@@ -397,8 +398,11 @@ class PrivacyEngine(opacus.PrivacyEngine):
 
         Patch-level mode: steps are logical steps, ``epochs * len(data_loader)`` with
         ``len = round(N / B)``; ``level="record"`` calibrates for the record-level baseline
-        (p = 1) instead -- the same training, a different claim.  Opacus mode: Opacus'
-        calibration for its accountant (``level`` must be left unset)."""
+        (p = 1) instead -- the same training, a different claim; ``level=
+        "gaussian_augmentation"`` for the Gaussian-augmentation baseline (``w = q * TV``; needs
+        ``gaussian_augmentation=GaussianAugmentation(sigma_aug, channels)``, whose noise the
+        loader then adds).  Opacus mode: Opacus' calibration for its accountant (``level`` must
+        be left unset)."""
         geometry = _split_geometry(kwargs)
         if (epochs is None) == (steps is None):
             raise ValueError("pass exactly one of epochs= or steps=")
@@ -434,8 +438,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
                           "higher", stacklevel=2)
         loader = self._crop_loader(data_loader, isinstance(module, (DPDDP, DDP)), **geometry)
         total_steps = int(steps) if steps is not None else int(round(epochs * len(loader)))
-        p = loader.inclusion_probability if level == "patch" else 1.0
-        z = accounting.calibrate_noise(target_epsilon, target_delta, loader.sample_rate, p,
+        factor = amplification(loader.spec, level)  # p, 1 or TV(sigma_aug): w = q * factor
+        z = accounting.calibrate_noise(target_epsilon, target_delta, loader.sample_rate, factor,
                                        total_steps, discretization=self.accountant.discretization)
         logger.info("calibrated z=%.6g for %s-level eps<=%g at delta=%g over %d steps", z, level,
                     target_epsilon, target_delta, total_steps)
@@ -513,12 +517,23 @@ class PrivacyEngine(opacus.PrivacyEngine):
         if spec is not None:
             report["geometry"] = spec.to_dict()
             report["geometry_description"] = spec.describe_geometry()
+        if spec is not None and spec.augmentation is not None:
+            report.update(
+                epsilon_gaussian_augmentation=acc.get_epsilon(delta,
+                                                              level="gaussian_augmentation"),
+                augmentation=spec.augmentation.describe(),
+                augmentation_tv=spec.augmentation_tv)
         if self.data_loader is not None:
             report.update(batch_size=self.data_loader.batch_size,
                           dataset_size=len(self.data_loader.dataset),
                           sample_rate=self.data_loader.sample_rate,
                           effective_sample_rate=self.data_loader.effective_sample_rate,
                           sampling_source=self.data_loader.sampling_source)
+            if spec is not None and spec.augmentation is not None:
+                report.update(
+                    effective_sample_rate_gaussian_augmentation=self.data_loader.sample_rate
+                    * spec.augmentation_tv,
+                    augmentation_source=self.data_loader.augmentation_source)
         return report
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -529,9 +544,13 @@ class PrivacyEngine(opacus.PrivacyEngine):
         whoever knows the seed), so that a resumed run draws the batches it would have."""
         checkpoint_dict = dict(checkpoint_dict or {})
         loader = self.data_loader
-        gen = getattr(getattr(loader, "batch_sampler", None), "generator", None)
+        sampler = getattr(loader, "batch_sampler", None)
+        gen = getattr(sampler, "generator", None)
         if isinstance(gen, torch.Generator) and getattr(loader, "_seeded", False):
             checkpoint_dict["patchdp_sampler_rng_state"] = gen.get_state()
+        noise = getattr(sampler, "noise_generator", None)  # Gaussian augmentation's seeds
+        if isinstance(noise, torch.Generator) and getattr(loader, "_augmentation_seeded", False):
+            checkpoint_dict["patchdp_augmentation_rng_state"] = noise.get_state()
         return super().save_checkpoint(path=path, module=module, optimizer=optimizer,
                                        checkpoint_dict=checkpoint_dict, **kwargs)
 
@@ -539,9 +558,12 @@ class PrivacyEngine(opacus.PrivacyEngine):
         """Load module/optimizer/accountant; refuses a checkpoint of another geometry."""
         checkpoint = super().load_checkpoint(path=path, module=module, optimizer=optimizer,
                                              **kwargs)
-        state = checkpoint.get("patchdp_sampler_rng_state")
-        gen = getattr(getattr(self.data_loader, "batch_sampler", None), "generator", None)
-        if state is not None and isinstance(gen, torch.Generator) \
-                and getattr(self.data_loader, "_seeded", False):
-            gen.set_state(state)
+        sampler = getattr(self.data_loader, "batch_sampler", None)
+        for key, attribute, seeded in (("patchdp_sampler_rng_state", "generator", "_seeded"),
+                                       ("patchdp_augmentation_rng_state", "noise_generator",
+                                        "_augmentation_seeded")):
+            state, gen = checkpoint.get(key), getattr(sampler, attribute, None)
+            if state is not None and isinstance(gen, torch.Generator) \
+                    and getattr(self.data_loader, seeded, False):
+                gen.set_state(state)
         return checkpoint

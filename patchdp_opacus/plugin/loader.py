@@ -108,6 +108,13 @@ class CropDPDataLoader(DataLoader):
         allow_unchecked_transforms: ``True`` or names of transforms / callables found in the
             dataset or ``collate_fn`` that the inspection cannot vouch for; they are recorded in
             ``spec.unchecked_transforms`` (privacy reports print them).
+        augmentation_generator / augmentation_seed: source of the noise seeds when
+            ``spec.augmentation`` is set (Gaussian-noise augmentation, added by this loader to
+            every sample: :mod:`patchdp_opacus.plugin.augmentation`).  Default: a generator
+            seeded from the OS's entropy, separate from the sampling generator (``secure``:
+            the OS CSPRNG).  A known seed makes the noise reproducible -- and removable by
+            whoever knows it, which voids the augmentation's amplification
+            (:attr:`augmentation_source` says so).
         **dataloader_kwargs: other ``DataLoader`` arguments; ``shuffle``, ``sampler``,
             ``batch_sampler`` and ``drop_last`` are refused.
 
@@ -129,6 +136,8 @@ class CropDPDataLoader(DataLoader):
                  num_workers: int = 0, collate_fn=None, ignore_index=DEFAULT_IGNORE_INDEX,
                  post_crop_transform: Callable | None = None,
                  allow_unchecked_transforms: bool | Iterable[str] = False,
+                 augmentation_generator: torch.Generator | None = None,
+                 augmentation_seed: int | None = None,
                  **dataloader_kwargs: Any):
         for key, why in _REFUSED.items():
             if key in dataloader_kwargs:
@@ -149,6 +158,17 @@ class CropDPDataLoader(DataLoader):
         unchecked = tuple(dict.fromkeys((*spec.unchecked_transforms, *report.unchecked)))
         if unchecked != spec.unchecked_transforms:
             spec = dataclasses.replace(spec, unchecked_transforms=unchecked)
+        noise_seeds = spec.augmentation is not None
+        if not noise_seeds and (augmentation_generator is not None
+                                or augmentation_seed is not None):
+            raise ValueError("augmentation_generator/augmentation_seed without Gaussian "
+                             "augmentation in the spec (spec.augmentation is None)")
+        if secure and (augmentation_generator is not None or augmentation_seed is not None):
+            raise ValueError("secure=True draws the augmentation noise seeds from the OS CSPRNG; "
+                             "do not pass augmentation_generator or augmentation_seed")
+        noise_generator = _make_generator(augmentation_generator, augmentation_seed, False) \
+            if noise_seeds else None
+        self._augmentation_seeded = noise_generator is not None
         num_samples = len(dataset)
         moduli = token_moduli(spec.crop, spec.image_sizes)
         choices = choice_modulus(spec.crop, spec.image_sizes)
@@ -168,15 +188,19 @@ class CropDPDataLoader(DataLoader):
                 shared = [secrets.randbits(63) if dist.get_rank() == 0 else None]
                 dist.broadcast_object_list(shared, src=0)
                 seed = shared[0]
+            if noise_generator is not None:  # every rank noises its own slice: its own stream
+                noise_generator.manual_seed(noise_generator.initial_seed() + dist.get_rank())
             batch_sampler = DistributedFixedSizeBatchSampler(
                 num_samples, batch_size, dist.get_world_size(), dist.get_rank(), seed,
-                steps_per_epoch, origin_moduli=moduli, choice_modulus=choices)
+                steps_per_epoch, origin_moduli=moduli, choice_modulus=choices,
+                noise_seeds=noise_seeds, noise_generator=noise_generator)
         else:
             self._seeded = seed is not None or generator is not None
             generator = _make_generator(generator, seed, secure)
             batch_sampler = FixedSizeBatchSampler(num_samples, batch_size, steps_per_epoch,
                                                   generator, secure, origin_moduli=moduli,
-                                                  choice_modulus=choices)
+                                                  choice_modulus=choices, noise_seeds=noise_seeds,
+                                                  noise_generator=noise_generator)
         cropping = CroppingDataset(dataset, spec, ignore_index=ignore_index,
                                    post_crop_transform=post_crop_transform)
         super().__init__(cropping, batch_sampler=batch_sampler, num_workers=num_workers,
@@ -190,10 +214,13 @@ class CropDPDataLoader(DataLoader):
         # afterwards; it only reads it for iterable datasets.  Expose B, the global batch size.
         object.__setattr__(self, "batch_size", batch_sampler.global_batch_size)
         logger.info("CropDPDataLoader: N=%d, B=%d, %d steps/epoch, %s, image sizes %s, q=%.6g, "
-                    "p=%.6g, q*p=%.6g%s", num_samples, self.batch_size, len(self),
+                    "p=%.6g, q*p=%.6g%s%s", num_samples, self.batch_size, len(self),
                     spec.describe_geometry(), list(spec.image_sizes), self.sample_rate,
                     self.inclusion_probability, self.effective_sample_rate,
-                    ", secure (OS CSPRNG) indices and origins" if secure else "")
+                    ", secure (OS CSPRNG) indices and origins" if secure else "",
+                    "" if spec.augmentation is None else
+                    f"; {spec.augmentation.describe()} added by the loader, TV = "
+                    f"{spec.augmentation_tv:.6g}, noise seeds: {self.augmentation_source}")
 
     # -- what the accountant needs ---------------------------------------------------------
     @property
@@ -232,6 +259,18 @@ class CropDPDataLoader(DataLoader):
         return "generator seeded from OS entropy"
 
     @property
+    def augmentation_source(self) -> str | None:
+        """Where the Gaussian augmentation noise comes from (None without augmentation)."""
+        if self.spec.augmentation is None:
+            return None
+        if self.secure:
+            return "OS CSPRNG (secrets) at every step"
+        if self._augmentation_seeded:
+            return ("seeded generator: reproducible, and the augmentation's amplification "
+                    "assumes the seed stays secret")
+        return "generator seeded from OS entropy (separate from the sampling generator)"
+
+    @property
     def steps_per_epoch(self) -> int:
         return len(self.batch_sampler)
 
@@ -260,7 +299,9 @@ class CropDPDataLoader(DataLoader):
                          secure: bool = False, distributed: bool = False,
                          steps_per_epoch: int | None = None,
                          ignore_index=DEFAULT_IGNORE_INDEX,
-                         post_crop_transform: Callable | None = None) -> "CropDPDataLoader":
+                         post_crop_transform: Callable | None = None,
+                         gaussian_augmentation=None,
+                         augmentation_seed: int | None = None) -> "CropDPDataLoader":
         """Wrap a user's ``DataLoader`` (no random crop in its pipeline).
 
         Keeps its dataset, batch size (as ``B``), ``collate_fn``, ``num_workers``,
@@ -277,6 +318,10 @@ class CropDPDataLoader(DataLoader):
         defaults (they are part of it).  ``image_sizes``: default ``dataset.image_sizes`` if
         present, else ``dataset.size_of(i)`` for every index, else every sample is loaded once
         (a warning is logged); with a ``Resize`` these are the *stored* sizes, before it.
+        ``gaussian_augmentation``: a :class:`~patchdp_opacus.privacy.GaussianAugmentation`
+        (noise std in pixel units, channels) the loader adds to every sample; it becomes part
+        of the spec, so the accountant can claim its TV; ``augmentation_seed`` makes that noise
+        reproducible (and not private if the seed is known).
         """
         dataset = data_loader.dataset
         if isinstance(dataset, CroppingDataset):
@@ -298,7 +343,8 @@ class CropDPDataLoader(DataLoader):
                              "batch_sampler has no batch_size); build CropDPDataLoader directly")
         if image_sizes is None:
             image_sizes = scan_image_sizes(dataset)
-        spec = PatchPrivacySpec(geometry, private_region, image_sizes, group_size=group_size)
+        spec = PatchPrivacySpec(geometry, private_region, image_sizes, group_size=group_size,
+                                augmentation=gaussian_augmentation)
         kwargs = {k: getattr(data_loader, k) for k in _CARRIED if hasattr(data_loader, k)}
         if kwargs.get("num_workers", 0) > 0:
             kwargs["prefetch_factor"] = data_loader.prefetch_factor
@@ -309,7 +355,8 @@ class CropDPDataLoader(DataLoader):
         return cls(dataset, batch_size=batch_size, spec=spec, steps_per_epoch=steps_per_epoch,
                    generator=generator, seed=seed, secure=secure, distributed=distributed,
                    ignore_index=ignore_index, post_crop_transform=post_crop_transform,
-                   allow_unchecked_transforms=allow_unchecked_transforms, **kwargs)
+                   allow_unchecked_transforms=allow_unchecked_transforms,
+                   augmentation_seed=augmentation_seed, **kwargs)
 
 
 def scan_image_sizes(dataset) -> list[tuple[int, int]]:

@@ -18,6 +18,15 @@ which the cropping dataset derives the sample's geometric parameters:
   u_x)``; ``theta = (u_g mod G, u_y mod n_y(g), u_x mod n_x(g))``
   (:meth:`~patchdp_opacus.privacy.geometric.GeometricTransform.theta_from_draws`).
 
+With Gaussian-noise augmentation (a spec holding a
+:class:`~patchdp_opacus.privacy.baselines.GaussianAugmentation`) every token also carries a
+``noise_seed``: a uniform 62-bit word from a *separate* generator (:attr:`noise_generator`,
+seeded from the OS's entropy unless the user seeds it; the OS CSPRNG with ``secure=True``), from
+which the cropping dataset draws that sample's noise.  The noise is thus fresh at every use of a
+sample, independent across workers and epochs, and reproducible only if the noise generator's
+seed is known -- never from the sampling seed (:class:`NoisyCropToken`, and
+:class:`TransformToken` with its ``noise_seed``).
+
 Because the tokens are drawn here, in the main process, from the sampler's own generator:
 
 * parameters never repeat across DataLoader workers or epochs (workers only execute tokens);
@@ -63,6 +72,7 @@ also when ``BatchMemoryManager`` splits it into chunks and workers prefetch them
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from dataclasses import dataclass
@@ -90,6 +100,16 @@ class CropToken(NamedTuple):
     u_x: int
 
 
+class NoisyCropToken(NamedTuple):
+    """A :class:`CropToken` with the seed of the sample's Gaussian augmentation noise
+    (``0 <= noise_seed < 2**62``, exact in int64, so ``BatchMemoryManager`` keeps it)."""
+
+    index: int
+    u_y: int
+    u_x: int
+    noise_seed: int
+
+
 @dataclass(frozen=True)
 class TransformToken:
     """What the sampler yields per sample for a loader-owned transform: dataset ``index`` and
@@ -103,10 +123,18 @@ class TransformToken:
     u_g: int
     u_y: int
     u_x: int
+    noise_seed: int | None = None  # Gaussian augmentation: the seed of this sample's noise
 
     @property
     def draws(self) -> tuple[int, int, int]:
         return self.u_g, self.u_y, self.u_x
+
+
+def with_noise_seed(token, noise_seed: int):
+    """``token`` with the seed of its sample's augmentation noise attached."""
+    if isinstance(token, TransformToken):
+        return dataclasses.replace(token, noise_seed=int(noise_seed))
+    return NoisyCropToken(*(int(v) for v in token), int(noise_seed))
 
 
 def uniform_below(bounds: Sequence[int], generator: torch.Generator | None) -> list[int]:
@@ -219,6 +247,9 @@ class FixedSizeBatchSampler(BatchSampler):
         choice_modulus: ``None`` (a fixed crop: :class:`CropToken` s, moduli at most
             ``2**62``) or ``M_g`` of a loader-owned transform: then every item is a
             :class:`TransformToken` and the moduli may be any size.
+        noise_seeds: attach a ``noise_seed`` to every token (Gaussian augmentation), drawn
+            from ``noise_generator`` (default: a new one seeded from the OS's entropy) or, with
+            ``secure``, from the OS CSPRNG.
 
     Subclasses ``BatchSampler`` (``drop_last`` is always False) so that Opacus recognises it:
     ``BatchMemoryManager`` reads :attr:`batch_size` for its length estimate and
@@ -229,7 +260,8 @@ class FixedSizeBatchSampler(BatchSampler):
     def __init__(self, num_samples: int, batch_size: int, steps_per_epoch: int | None = None,
                  generator: torch.Generator | None = None, secure: bool = False, *,
                  origin_moduli: tuple[int, int] | None = None,
-                 choice_modulus: int | None = None):
+                 choice_modulus: int | None = None, noise_seeds: bool = False,
+                 noise_generator: torch.Generator | None = None):
         num_samples, batch_size = int(num_samples), int(batch_size)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -254,6 +286,13 @@ class FixedSizeBatchSampler(BatchSampler):
         if generator is None and not self.secure:
             generator = os_seeded_generator()
         self.generator = generator
+        if noise_generator is not None and (self.secure or not noise_seeds):
+            raise ValueError("noise_generator= needs noise_seeds=True and secure=False")
+        self.noise_seeds = bool(noise_seeds)
+        self.noise_seeded_by_user = noise_generator is not None
+        if self.noise_seeds and noise_generator is None and not self.secure:
+            noise_generator = os_seeded_generator()
+        self.noise_generator = noise_generator
         self.last_batch_id = -1
         self.on_iteration_start: list = []
 
@@ -293,11 +332,20 @@ class FixedSizeBatchSampler(BatchSampler):
     def _local(self, tokens: list) -> list:
         return tokens
 
+    def _with_noise_seeds(self, tokens: list) -> list:
+        """Attach fresh noise seeds (uniform in ``[0, 2**62)``) to this process's tokens."""
+        words = [WORD] * len(tokens)
+        seeds = _secure_below(words) if self.secure else uniform_below(words,
+                                                                      self.noise_generator)
+        return [with_noise_seed(t, s) for t, s in zip(tokens, seeds)]
+
     def __iter__(self) -> Iterator[list]:
         for callback in list(self.on_iteration_start):
             callback()
         for _ in range(self.steps_per_epoch):
             batch = self._local(self.draw_global_batch())
+            if self.noise_seeds:
+                batch = self._with_noise_seeds(batch)
             self.last_batch_id += 1
             yield batch
 
@@ -311,13 +359,16 @@ class DistributedFixedSizeBatchSampler(FixedSizeBatchSampler):
 
     ``batch_size`` is the *per-rank* slice ``B / R`` (what one rank's loader yields);
     ``global_batch_size`` is ``B``; ``len()`` is the number of global steps per epoch.
-    ``secure=True`` is refused: independent OS draws cannot agree across ranks.
+    ``secure=True`` is refused: independent OS draws cannot agree across ranks.  Noise seeds
+    (``noise_seeds=True``) are drawn by each rank for its own slice, from its own
+    ``noise_generator`` (default: seeded from the OS's entropy).
     """
 
     def __init__(self, num_samples: int, batch_size: int, num_replicas: int, rank: int,
                  seed: int, steps_per_epoch: int | None = None, *,
                  origin_moduli: tuple[int, int] | None = None,
-                 choice_modulus: int | None = None, secure: bool = False):
+                 choice_modulus: int | None = None, secure: bool = False,
+                 noise_seeds: bool = False, noise_generator: torch.Generator | None = None):
         if secure:
             raise ValueError("secure=True is not supported with distributed sampling: the ranks "
                              "must draw the same global batch, which needs a shared seed")
@@ -334,7 +385,8 @@ class DistributedFixedSizeBatchSampler(FixedSizeBatchSampler):
         generator = torch.Generator()
         generator.manual_seed(int(seed))
         super().__init__(num_samples, batch_size, steps_per_epoch, generator,
-                         origin_moduli=origin_moduli, choice_modulus=choice_modulus)
+                         origin_moduli=origin_moduli, choice_modulus=choice_modulus,
+                         noise_seeds=noise_seeds, noise_generator=noise_generator)
         self.num_replicas = num_replicas
         self.rank = rank
         self.seed = int(seed)
