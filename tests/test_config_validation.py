@@ -10,6 +10,7 @@ import pytest
 from patchdp_opacus.segmentation.config import (
     CHECKS,
     ConfigError,
+    TASK_CHECKS,
     apply_overrides,
     config_from_dict,
     dump_config,
@@ -54,16 +55,26 @@ SPECIFIC = [
 ]
 
 
-def base() -> dict:
+def base(task: str = "segmentation") -> dict:
+    if task == "classification":
+        return {"task": "classification", "dataset": {"name": "mnist", "root": "data/mnist"},
+                "privacy": {"crop": [10, 10], "private_region": {"shape": "rectangle",
+                                                                 "size": [1, 1]}}}
     return {"model": {"encoder_name": "resnet18"}}
 
 
-@pytest.mark.parametrize("key", sorted(CHECKS))
-def test_every_key_refuses_a_wrong_kind_and_names_itself(key):
+def _rows():
+    """``(task, key)`` for every key with a row, in the configs of the tasks that know it."""
+    return sorted({(task, key) for task in ("segmentation", "classification")
+                   for key in (*CHECKS, *TASK_CHECKS[task]) if key in known_keys(task)})
+
+
+@pytest.mark.parametrize("task,key", _rows())
+def test_every_key_refuses_a_wrong_kind_and_names_itself(task, key):
     section, _, field = key.rpartition(".")
     refused = 0
     for value in WRONG_KINDS:
-        data = base()
+        data = base(task)
         if section:
             data.setdefault(section, {})[field] = value
         else:
@@ -79,6 +90,9 @@ def test_every_key_refuses_a_wrong_kind_and_names_itself(key):
 
 def test_checks_table_names_only_real_keys():
     assert set(CHECKS) <= set(known_keys())
+    for task, rows in TASK_CHECKS.items():
+        assert set(rows) <= set(known_keys(task))
+    assert {k for task in TASK_CHECKS for k in known_keys(task)} == set(known_keys())
     assert {"privacy.reproducible_noise", "privacy.reproducible_sampling",
             "training.log_train_loss"} <= set(known_keys())
 
@@ -118,6 +132,90 @@ def test_cross_checks():
     with pytest.raises(ConfigError) as err:
         config_from_dict({**base(), "dataset": {"train": {"num_images": 3}}})
     assert err.value.key == "dataset.train.num_images" and "num_samples" in str(err.value)
+
+
+CLASSIFICATION_SPECIFIC = [
+    ("dataset.name", "cityscapes", "dtd"),
+    ("model.arch", "deeplabv3plus", "vgg11_bn"),
+    ("model.norm", "batch", "none"),
+    ("model.weights", 3, "IMAGENET"),
+    ("model.normalize", "cifar", None),
+    ("privacy.accounting", "gauss", "gaussian_augmentation"),
+    ("privacy.sigma_aug", 0, "255"),
+    ("training.scheduler", "step", "cosine"),
+    ("evaluation.confusion_matrix", "yes", True),
+]
+
+
+@pytest.mark.parametrize("key, bad, good", CLASSIFICATION_SPECIFIC)
+def test_classification_keys_are_checked(key, bad, good):
+    def with_(value):
+        data = base("classification")
+        data["privacy"]["sigma_aug"] = 100.0  # gaussian_augmentation needs it
+        if key == "model.normalize" and value is not None:
+            data["model"] = {"in_channels": 1}
+        section, _, field = key.rpartition(".")
+        data.setdefault(section, {})[field] = value
+        return config_from_dict(data)
+
+    with pytest.raises(ConfigError) as err:
+        with_(bad)
+    assert err.value.key == key
+    cfg = with_(good)
+    section, _, field = key.rpartition(".")
+    expected = {"IMAGENET": "imagenet", "255": 255.0}.get(good, good)
+    assert getattr(getattr(cfg, section), field) == expected
+
+
+@pytest.mark.parametrize("change, key, words", [
+    ({"privacy": {"accounting": "gaussian_augmentation"}}, "privacy.sigma_aug", "needs"),
+    ({"privacy": {"accounting": "none"}}, "privacy.epsilon", "without DP"),
+    ({"privacy": {"accounting": "none", "epsilon": None, "sigma_aug": 10}}, "privacy.sigma_aug",
+     "without DP"),
+    ({"privacy": {"crop": None}}, "privacy.crop", "only with privacy.accounting none"),
+    ({"dataset": {"train": {"split": "train", "val_size": 10}}}, "dataset.val.val_size",
+     "must equal dataset.train.val_size"),
+    ({"dataset": {"name": "dtd", "train": {"partition": 11}}}, "dataset.train.partition",
+     "<= 10"),
+    ({"dataset": {"train": {"partition": 1}}}, "dataset.train.partition",
+     "not an argument of the mnist dataset"),
+    ({"model": {"weights": "imagenet", "in_channels": 1, "normalize": "mnist"}},
+     "model.in_channels", "pretrained"),
+    ({"model": {"in_channels": 1, "normalize": "imagenet"}}, "model.normalize", "3 channel"),
+])
+def test_classification_cross_checks(change, key, words):
+    data = base("classification")
+    for section, values in change.items():
+        data.setdefault(section, {}).update(values)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    assert err.value.key == key and words in str(err.value)
+
+
+def test_a_classification_config_names_its_dataset():
+    data = base("classification")
+    del data["dataset"]["name"]
+    with pytest.raises(ConfigError, match="required for task classification; known: dtd, "
+                                          "mnist") as err:
+        config_from_dict(data)
+    assert err.value.key == "dataset.name"
+
+
+def test_a_key_of_the_other_task_says_so():
+    with pytest.raises(ConfigError, match="a key of task: classification") as err:
+        config_from_dict({**base(), "model": {"weights": "imagenet"}})
+    assert err.value.key == "model.weights"
+    with pytest.raises(ConfigError, match="a key of task: segmentation"):
+        config_from_dict({**base("classification"), "model": {"encoder_name": "resnet18"}})
+
+
+def test_classification_defaults_round_trip_through_yaml():
+    import yaml
+
+    cfg = config_from_dict(base("classification"))
+    assert cfg.task == "classification" and cfg.model.arch == "resnet18"
+    assert cfg.training.scheduler == "none" and not cfg.evaluation.confusion_matrix
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
 
 
 def test_unknown_keys_suggest_the_closest():

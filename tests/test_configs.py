@@ -15,17 +15,14 @@ PAPER = {("cityscapes", "deeplabv3plus"), ("cityscapes", "pspnet"), ("a2d2", "de
          ("a2d2", "pspnet")}
 
 
-def _classification(path) -> bool:
-    return (yaml.safe_load(path.read_text()) or {}).get("task") == "classification"
-
-
 def test_every_shipped_config_loads():
     paths = sorted(CONFIGS.rglob("*.yaml"))
-    assert {(p.parent.name, p.stem) for p in paths} >= PAPER | {("configs", "demo")}
+    assert {(p.parent.name, p.stem) for p in paths} >= PAPER | {("configs", "demo")} | \
+        set(CLASSIFICATION) | {("dtd", "resnet18_resize"), ("dtd", "vgg11_resize")}
     for path in paths:
-        if _classification(path):  # read by the classification integration (issue 14, phase B)
-            continue
-        load_config(path)
+        cfg = load_config(path)
+        assert cfg.task == ("classification" if path.parent.name in ("dtd", "mnist")
+                            else "segmentation")
 
 
 CLASSIFICATION = {("dtd", "resnet18"): ("resnet18", 128, 150, [100, 100], [5, 5], "frozen"),
@@ -36,6 +33,9 @@ CLASSIFICATION = {("dtd", "resnet18"): ("resnet18", 128, 150, [100, 100], [5, 5]
 
 @pytest.mark.parametrize("dataset,name", sorted(CLASSIFICATION))
 def test_classification_configs_hold_the_paper_settings(dataset, name):
+    loaded = load_config(CONFIGS / dataset / f"{name}.yaml")
+    assert loaded.model.arch == CLASSIFICATION[(dataset, name)][0]
+    assert loaded.privacy.transform is None  # the offline-preprocessed DTD copy
     cfg = yaml.safe_load((CONFIGS / dataset / f"{name}.yaml").read_text())
     arch, batch, epochs, crop, patch, norm = CLASSIFICATION[(dataset, name)]
     assert cfg["task"] == "classification" and cfg["dataset"]["name"] == dataset
@@ -47,6 +47,26 @@ def test_classification_configs_hold_the_paper_settings(dataset, name):
     assert (p["crop"], p["private_region"]["size"], p["delta"]) == (crop, patch, None)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+def test_dtd_resize_configs_resize_in_the_loader_and_otherwise_equal_the_offline_ones(name):
+    from patchdp_opacus.app.config import evaluation_geometry, loader_geometry
+    from patchdp_opacus.privacy import Resize
+
+    offline = load_config(CONFIGS / "dtd" / f"{name}.yaml")
+    inloader = load_config(CONFIGS / "dtd" / f"{name}_resize.yaml")
+    geometry = loader_geometry(inloader.privacy)
+    assert isinstance(geometry, Resize) and geometry.size == (300, 300)
+    assert geometry.crop.crop_size == (100, 100)
+    assert evaluation_geometry(inloader.privacy).crop is None  # whole resized val images
+    assert evaluation_geometry(offline.privacy) is None
+    assert inloader.dataset.train == {"split": "train", "partition": 1, "image_size": None,
+                                      "min_side": 300}
+    a, b = offline.to_dict(), inloader.to_dict()
+    for d in (a, b):
+        d.pop("name"), d["privacy"].pop("transform"), d.pop("dataset")
+    assert a == b
+
+
 def test_table1_pair_is_non_private_with_and_without_the_crop():
     crop, nocrop = (yaml.safe_load((CONFIGS / "mnist" / f"table1_{n}.yaml").read_text())
                     for n in ("crop", "nocrop"))
@@ -55,6 +75,9 @@ def test_table1_pair_is_non_private_with_and_without_the_crop():
     drop = ("name", "privacy")
     assert {k: v for k, v in crop.items() if k not in drop} == \
         {k: v for k, v in nocrop.items() if k not in drop}
+    loaded = load_config(CONFIGS / "mnist" / "table1_nocrop.yaml")
+    assert loaded.privacy.crop is None and loaded.privacy.epsilon is None
+    assert loaded.dataset.val == {"split": "test"} and loaded.evaluation.confusion_matrix
 
 
 @pytest.mark.parametrize("dataset,arch", sorted(PAPER))
