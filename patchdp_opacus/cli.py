@@ -24,7 +24,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 #: Modules providing ``register(subparsers)``, in the order their commands appear in ``--help``.
 COMMAND_MODULES = (
     "patchdp_opacus.commands.privacy",
-    "patchdp_opacus.commands.segmentation",
+    "patchdp_opacus.commands.training",
 )
 
 PROG = "patchdp"

@@ -383,3 +383,39 @@ def test_train_in_ghost_mode(tmp_path):
     final = read(run, "final_metrics.json")
     assert final["steps"] == 3 and final["epsilon_patch"] < final["epsilon_record"]
     assert math.isfinite(final["miou"])
+
+
+def test_gaussian_augmentation_segmentation_run_resumes_exactly(tmp_path, capsys):
+    """The Gaussian-augmentation baseline on segmentation (paper Fig. 11): its epsilon beside
+    patch and record level in every output; with reproducible noise and sampling a resumed run
+    equals an uninterrupted one (the augmentation noise stream is restored too), and the
+    augmentation noise's state is stored only then."""
+    cfg = write_cfg(tmp_path)
+    no_dropout = NO_DROPOUT[:2]
+    ga = ["--accounting", "gaussian_augmentation", "--sigma-aug", "5000", "--quiet"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", "--config", cfg, "--output", str(full), *ga, *REPRODUCIBLE,
+                 *no_dropout]) == 0
+    out = capsys.readouterr().out
+    assert "Gaussian augmentation (sigma_aug 5000" in out
+    assert main(["train", "--config", cfg, "--output", str(part), *ga, *REPRODUCIBLE,
+                 *no_dropout, "--max-steps", "3"]) == 0
+    assert main(["train", "--config", cfg, "--output", str(part), *ga, *REPRODUCIBLE,
+                 *no_dropout]) == 0
+    a, b = read(full, "final_metrics.json"), read(part, "final_metrics.json")
+    assert a["epsilon_gaussian_augmentation"] == b["epsilon_gaussian_augmentation"] <= 6.0
+    assert a["epsilon_gaussian_augmentation"] < a["epsilon_record"]
+    wa, wb = _weights(full), _weights(part)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    state = torch.load(full / "checkpoint.pt", weights_only=True)
+    assert "patchdp_augmentation_rng_state" in state
+    report = read(full, "privacy_report.json")
+    assert report["target"]["level"] == "gaussian_augmentation"
+    assert "seed stays secret" in report["augmentation_source"]
+    with open(full / "metrics.csv") as f:
+        assert "epsilon_gaussian_augmentation" in next(csv.reader(f))
+    capsys.readouterr()
+    assert main(["plot", str(full), "--out", str(tmp_path / "fig11.png"), "--json"]) == 0
+    (point,) = json.loads(capsys.readouterr().out)
+    assert point["accounting"] == "gaussian_augmentation" and point["sigma_aug"] == 5000
+    assert point["metric"] == "miou" and "miou_mean" in point

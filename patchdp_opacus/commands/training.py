@@ -1,4 +1,5 @@
-"""``patchdp train`` / ``evaluate`` / ``plot``: the segmentation application.
+"""``patchdp train`` / ``evaluate`` / ``plot``: the training application (segmentation and
+classification: the config's ``task``).
 
 Every input is checked before anything is built (the whole config with its overrides, the
 device, the checkpoint file, the run folders); a bad one is a :class:`UsageError`: one line
@@ -30,10 +31,13 @@ def _positive_int(text: str) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", formatter_class=HelpFormatter,
-        help="train a segmentation model with patch-level DP-SGD",
-        description="Train with DP-SGD. The noise is calibrated for --epsilon with the chosen "
-                    "accounting (patch level, or the record-level baseline: the same training "
-                    "algorithm, a different analysis). Resumes from OUTPUT/checkpoint.pt. Any "
+        help="train a segmentation or classification model with patch-level DP-SGD",
+        description="Train with DP-SGD (the config's task: segmentation or classification). "
+                    "The noise is calibrated for --epsilon with the chosen accounting (patch "
+                    "level, or the record-level baseline: the same training algorithm, a "
+                    "different analysis; or the Gaussian-noise-augmentation baseline, whose "
+                    "noise the loader then adds; 'none' trains without DP). Resumes from "
+                    "OUTPUT/checkpoint.pt under the same accounting. Any "
                     "config key can be overridden with --set KEY=VALUE (dotted key, YAML value: "
                     "--set training.lr=0.1 --set privacy.crop=[505,505]); the flags below are "
                     "shortcuts for common keys, and --set is applied after them.")
@@ -41,8 +45,11 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. training.epochs=3")
     p.add_argument("--epsilon", type=float, help="target epsilon (nats): privacy.epsilon")
-    p.add_argument("--accounting", choices=("patch", "record"),
+    p.add_argument("--accounting", choices=("patch", "record", "gaussian_augmentation", "none"),
                    help="analysis used to calibrate the noise: privacy.accounting")
+    p.add_argument("--sigma-aug", type=float, metavar="SIGMA",
+                   help="std (pixel units 0-255) of the Gaussian noise the loader adds to every "
+                        "sample: privacy.sigma_aug (with --accounting gaussian_augmentation)")
     p.add_argument("--noise-multiplier", type=float,
                    help="fixed noise multiplier z (std = z*C) instead of calibrating for epsilon")
     p.add_argument("--seed", type=int,
@@ -53,7 +60,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many logical steps")
     p.add_argument("--data-root", help="dataset.root")
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto: training.device")
-    p.add_argument("--output", help="run folder (default runs/<name>/<accounting>_eps<E>_seed<S>)")
+    p.add_argument("--output", help="run folder (default runs/<name>/<accounting>_eps<E>_seed<S>;"
+                                    " gaussian_augmentation_sigma<A>_eps<E>_seed<S>)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true",
@@ -62,22 +70,30 @@ def register(subparsers) -> None:
     p.set_defaults(handler=cmd_train, unknown_hint=_config_key_hint)
 
     e = subparsers.add_parser("evaluate", formatter_class=HelpFormatter,
-                              help="pixel accuracy, per-class IoU and mIoU of a checkpoint",
+                              help="mIoU / top-1 accuracy and per-class numbers of a checkpoint",
                               description="Evaluate a checkpoint written by 'patchdp train' on "
-                                          "full-resolution images.")
+                                          "whole (full-resolution) images: pixel accuracy, mIoU "
+                                          "and per-class IoU for segmentation; top-1, mean and "
+                                          "per-class accuracy for classification (a loader-"
+                                          "owned resize is applied as in training).")
     e.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run")
     e.add_argument("--data", help="dataset root (default: the run's config)")
-    e.add_argument("--split", default="val", help="dataset split")
+    e.add_argument("--split", default="val", help="dataset split (e.g. val, test)")
+    e.add_argument("--confusion-matrix", action="store_true",
+                   help="also print (with --json: return) the confusion matrix")
     e.add_argument("--max-images", type=_positive_int, help="evaluate only the first N images")
     e.add_argument("--device", default="auto", help="cpu, cuda or auto")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(handler=cmd_evaluate)
 
     pl = subparsers.add_parser("plot", formatter_class=HelpFormatter,
-                               help="mIoU vs epsilon, patch vs record level (mean ± std over seeds)",
-                               description="Plot runs written by 'patchdp train' (paper Fig. 5): "
-                                           "mIoU against the target epsilon, one curve per "
-                                           "accounting, mean ± std over seeds.")
+                               help="mIoU / accuracy vs epsilon, per accounting (mean ± std "
+                                    "over seeds)",
+                               description="Plot runs written by 'patchdp train' (paper Fig. 5, "
+                                           "11-14): mIoU (segmentation) or top-1 accuracy "
+                                           "(classification) against the target epsilon, one "
+                                           "curve per accounting (patch, record, Gaussian "
+                                           "augmentation), mean ± std over seeds.")
     pl.add_argument("runs", nargs="+", help="run folders (or folders containing them)")
     pl.add_argument("--out", required=True, help="output figure (.png/.pdf/.svg)")
     pl.add_argument("--json", action="store_true", help="print the aggregated points as JSON")
@@ -88,7 +104,7 @@ def register(subparsers) -> None:
 
 def _config_key_hint(unknown: list[str]):
     """For ``--lr 0.1`` or ``training.lr=0.1``: the ``--set`` spelling of that config key."""
-    from patchdp_opacus.segmentation.config import known_keys
+    from patchdp_opacus.app.config import known_keys
 
     for i, arg in enumerate(unknown):
         name, _, value = arg.lstrip("-").partition("=")
@@ -104,7 +120,7 @@ def _config_key_hint(unknown: list[str]):
 
 def _overrides(args) -> list[tuple[str, object, str]]:
     """``(dotted key, value, what the user typed)`` for the shortcut flags, then ``--set``."""
-    from patchdp_opacus.segmentation.config import ConfigError, parse_override
+    from patchdp_opacus.app.config import ConfigError, parse_override
 
     if args.epsilon is not None and args.noise_multiplier is not None:
         raise UsageError("use either --epsilon (calibrate the noise) or --noise-multiplier")
@@ -116,7 +132,8 @@ def _overrides(args) -> list[tuple[str, object, str]]:
         text = f"--noise-multiplier {args.noise_multiplier:g}"
         items += [("privacy.noise_multiplier", args.noise_multiplier, text),
                   ("privacy.epsilon", None, text)]
-    for flag, key in (("accounting", "privacy.accounting"), ("seed", "training.seed"),
+    for flag, key in (("accounting", "privacy.accounting"), ("sigma_aug", "privacy.sigma_aug"),
+                      ("seed", "training.seed"),
                       ("epochs", "training.epochs"), ("max_steps", "training.max_steps"),
                       ("device", "training.device"), ("data_root", "dataset.root")):
         value = getattr(args, flag)
@@ -142,7 +159,7 @@ def _config_error(args, exc, items) -> UsageError:
 
 
 def _load_cfg(args):
-    from patchdp_opacus.segmentation.config import ConfigError, load_config
+    from patchdp_opacus.app.config import ConfigError, load_config
 
     items = _overrides(args)
     try:
@@ -214,26 +231,45 @@ class _Bars:
         self.bar.update(done - self.bar.n)
 
     def end_epoch(self, row: dict) -> None:
-        from patchdp_opacus.segmentation.outputs import fmt
+        from patchdp_opacus.app.outputs import fmt
 
-        self.epsilon = (f"run step {row['steps']}, epsilon patch {fmt(row['epsilon_patch'])} "
-                        f"/ record {fmt(row['epsilon_record'])}")
-        if row.get("miou") is not None:
-            self.epsilon += f", mIoU {fmt(row['miou'], '.3f')}"
+        if row.get("epsilon_patch") is None and row.get("epsilon_record") is None:
+            self.epsilon = f"run step {row['steps']}, non-private"
+        else:
+            self.epsilon = (f"run step {row['steps']}, epsilon patch "
+                            f"{fmt(row['epsilon_patch'])} / record {fmt(row['epsilon_record'])}")
+        if "epsilon_gaussian_augmentation" in row:
+            self.epsilon += f" / Gaussian aug. {fmt(row['epsilon_gaussian_augmentation'])}"
+        for key, label in (("miou", "mIoU"), ("accuracy", "accuracy")):
+            if row.get(key) is not None:
+                self.epsilon += f", {label} {fmt(row[key], '.3f')}"
         self.bar.set_postfix_str(self.epsilon)
         self.bar.close()
 
 
+def run_name(accounting: str, epsilon=None, noise_multiplier=None, seed: int = 0,
+             sigma_aug=None) -> str:
+    """The run folder's name: ``<accounting>[_sigma<A>]_<eps<E>|z<Z>>_seed<S>`` (``none_seed<S>``
+    for a non-private run); the grid runner and ``patchdp reproduce`` use the same."""
+    parts = [accounting]
+    if accounting == "gaussian_augmentation" and sigma_aug is not None:
+        parts.append(f"sigma{sigma_aug:g}")
+    if epsilon is not None:
+        parts.append(f"eps{epsilon:g}")
+    elif noise_multiplier is not None:
+        parts.append(f"z{noise_multiplier:g}")
+    return "_".join(parts + [f"seed{seed}"])
+
+
 def default_output(cfg) -> Path:
-    level = cfg.privacy.accounting
-    tag = f"eps{cfg.privacy.epsilon:g}" if cfg.privacy.epsilon is not None \
-        else f"z{cfg.privacy.noise_multiplier:g}"
-    return Path("runs") / cfg.name / f"{level}_{tag}_seed{cfg.training.seed}"
+    p = cfg.privacy
+    return Path("runs") / cfg.name / run_name(p.accounting, p.epsilon, p.noise_multiplier,
+                                              cfg.training.seed, p.sigma_aug)
 
 
 def _check_device(name: str, flag: str):
-    from patchdp_opacus.segmentation.config import ConfigError
-    from patchdp_opacus.segmentation.train import resolve_device
+    from patchdp_opacus.app.config import ConfigError
+    from patchdp_opacus.app.loop import resolve_device
 
     try:
         return resolve_device(name)
@@ -249,9 +285,10 @@ def cmd_train(args) -> int:
     out = Path(args.output) if args.output else default_output(cfg)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file, not a folder")
-    from patchdp_opacus.segmentation.config import ConfigError
-    from patchdp_opacus.segmentation.outputs import dumps, fmt, iou_table, segments_text
-    from patchdp_opacus.segmentation.train import train
+    from patchdp_opacus.app.config import ConfigError
+    from patchdp_opacus.app.loop import train
+    from patchdp_opacus.app.outputs import dumps, fmt, segments_text
+    from patchdp_opacus.app.tasks import task_of
 
     _setup_logging()
     existed = out.exists()
@@ -272,19 +309,25 @@ def cmd_train(args) -> int:
     if args.json:
         print(dumps(final))
         return 0
-    target = (f"noise calibrated for {final['accounting']}-level epsilon "
-              f"{final['target_epsilon']:g}" if final["target_epsilon"] is not None
-              else "fixed noise multiplier")
     print(f"run folder: {out}")
-    print(f"steps {final['steps']}, noise multiplier {segments_text(final['history_segments'])}"
-          f", delta = {final['delta']:.3g}, {target}")
-    print(f"epsilon  patch level: {fmt(final['epsilon_patch'])}   "
-          f"record level: {fmt(final['epsilon_record'])}")
-    print(f"mIoU {fmt(final['miou'], '.4f')} (majority-class baseline "
-          f"{fmt(final['majority_class_miou'], '.4f')}), pixel accuracy "
-          f"{fmt(final['pixel_accuracy'], '.4f')}")
-    print("per-class IoU (validation):")
-    print(iou_table(final["iou"]))
+    if final["accounting"] == "none":
+        print(f"steps {final['steps']}, non-private training (no clipping, no noise): no "
+              f"privacy claim")
+    else:
+        target = (f"noise calibrated for {final['accounting']}-level epsilon "
+                  f"{final['target_epsilon']:g}" if final["target_epsilon"] is not None
+                  else "fixed noise multiplier")
+        print(f"steps {final['steps']}, noise multiplier "
+              f"{segments_text(final['history_segments'])}, delta = {final['delta']:.3g}, "
+              f"{target}")
+        print(f"epsilon  patch level: {fmt(final['epsilon_patch'])}   "
+              f"record level: {fmt(final['epsilon_record'])}" + (
+                  f"   Gaussian augmentation (sigma_aug {final['sigma_aug']:g}, TV "
+                  f"{final['augmentation_tv']:.4g}): "
+                  f"{fmt(final['epsilon_gaussian_augmentation'])}"
+                  if "epsilon_gaussian_augmentation" in final else ""))
+    for line in task_of(cfg).summary_lines(final):
+        print(line)
     if final.get("stopped"):
         print(final["stopped"])
     return 0
@@ -312,11 +355,10 @@ def cmd_evaluate(args) -> int:
     path = Path(args.checkpoint)
     state = _read_checkpoint(path)
     device = _check_device(args.device, f"--device {args.device}")
-    from patchdp_opacus.segmentation.config import ConfigError, config_from_dict
-    from patchdp_opacus.segmentation.datasets import build_dataset
-    from patchdp_opacus.segmentation.outputs import class_names, dumps, fmt, iou_by_class, \
-        iou_table
-    from patchdp_opacus.segmentation.train import build_segmentation_model, evaluate
+    from patchdp_opacus.app.config import ConfigError, config_from_dict
+    from patchdp_opacus.app.loop import evaluation_dataset
+    from patchdp_opacus.app.outputs import dumps, fmt
+    from patchdp_opacus.app.tasks import task_of
 
     try:
         cfg = config_from_dict(state["config"])
@@ -324,12 +366,16 @@ def cmd_evaluate(args) -> int:
         raise UsageError(f"--checkpoint {path}: its config: {exc}") from None
     if args.data:
         cfg.dataset.root = args.data
+    task = task_of(cfg)
     split_kw = {**cfg.dataset.val, "split": args.split}
     try:
-        dataset = build_dataset(cfg.dataset.name, cfg.dataset.root, **split_kw)
+        dataset = evaluation_dataset(task.build_dataset(cfg.dataset.name, cfg.dataset.root,
+                                                        **split_kw), cfg)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         raise UsageError(f"data: {exc} (set --data)") from None
-    model, _ = build_segmentation_model(cfg)
+    sizes = sorted(getattr(dataset, "image_sizes", ()))
+    size = tuple(cfg.privacy.crop) if cfg.privacy.crop is not None else sizes[0]
+    model, _ = task.build_model(cfg, size)
     weights = {k[len("_module."):] if k.startswith("_module.") else k: v
                for k, v in state["module_state_dict"].items()}
     try:
@@ -337,22 +383,39 @@ def cmd_evaluate(args) -> int:
     except RuntimeError as exc:
         raise UsageError(f"--checkpoint {path}: its weights do not fit its config "
                          f"({str(exc).splitlines()[0]})") from None
-    result = evaluate(model.to(device), dataset, cfg.model.num_classes, device,
-                      max_images=args.max_images)
-    result["iou"] = iou_by_class(result["iou"], class_names(dataset, cfg.model.num_classes))
+    result = task.evaluate(model.to(device), dataset, cfg, device, max_images=args.max_images,
+                           confusion_matrix=args.confusion_matrix)
+    final = task.final_metrics(result, dataset, cfg)
     if args.json:
-        print(dumps({**result, "checkpoint": str(path), "split": args.split}))
+        print(dumps({**final, "num_images": result["num_images"], "checkpoint": str(path),
+                     "split": args.split}))
         return 0
-    print(f"images {result['num_images']} ({args.split}), pixel accuracy "
-          f"{fmt(result['pixel_accuracy'], '.4f')}, mIoU {fmt(result['miou'], '.4f')}")
-    print(iou_table(result["iou"]))
+    print(f"images {result['num_images']} ({args.split})")
+    for line in task.summary_lines({**final, "num_images": result["num_images"]}):
+        print(line)
+    if args.confusion_matrix:
+        matrix = final["confusion_matrix"]
+        rows = matrix["rows_true_columns_predicted"]
+        width = len(str(max(max(r) for r in rows)))
+        print("confusion matrix (rows: true class, columns: predicted), classes in order:",
+              ", ".join(matrix["classes"]))
+        for row in rows:
+            print("  " + " ".join(f"{v:>{width}}" for v in row))
     return 0
 
 
 # --------------------------------------------------------------------------- plot
 
+#: Final-metrics key of each task's headline metric, and its axis label.
+HEADLINES = {"miou": "validation mIoU", "accuracy": "top-1 accuracy (whole images)"}
+#: The accountings ``patchdp plot`` draws, in order, with their legend labels.
+CURVES = (("patch", "patch-level accounting"),
+          ("record", "record-level accounting (DP-SGD)"),
+          ("gaussian_augmentation", "Gaussian noise augmentation (w = q·TV)"))
+
+
 def _run_dirs(paths):
-    from patchdp_opacus.segmentation.outputs import FINAL_JSON
+    from patchdp_opacus.app.outputs import FINAL_JSON
 
     found = []
     for p in map(Path, paths):
@@ -368,15 +431,17 @@ def _run_dirs(paths):
 
 
 def _read_final(run: Path) -> dict:
-    from patchdp_opacus.segmentation.outputs import FINAL_JSON
+    from patchdp_opacus.app.outputs import FINAL_JSON
 
     path = run / FINAL_JSON
     try:
         final = json.loads(path.read_text())
         if not isinstance(final, dict):
             raise ValueError("not a JSON object")
-        for key in ("accounting", "target_epsilon", "miou"):
+        for key in ("accounting", "target_epsilon"):
             final[key]  # noqa: B018 - presence check
+        if not any(key in final for key in HEADLINES):
+            raise KeyError(" or ".join(HEADLINES))
     except (ValueError, KeyError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not a final_metrics.json written by 'patchdp train' "
                          f"({type(exc).__name__}: {exc})") from None
@@ -388,13 +453,17 @@ def cmd_plot(args) -> int:
 
     out = check_out_path(args.out)
     finals = [_read_final(d) for d in _run_dirs(args.runs)]
+    metrics = {next(k for k in HEADLINES if k in f) for f in finals}
+    if len(metrics) > 1:
+        raise UsageError("the runs mix segmentation (mIoU) and classification (accuracy); plot "
+                         "each task's runs separately")
     points = aggregate_runs(finals)
     if not points:
-        raise UsageError("no run with a target epsilon (runs with a fixed --noise-multiplier "
-                         "have none) and an mIoU")
+        raise UsageError(f"no run with a target epsilon (runs with a fixed --noise-multiplier "
+                         f"or without DP have none) and a {metrics.pop()}")
     plot_runs(points, out)
     if args.json:
-        from patchdp_opacus.segmentation.outputs import dumps
+        from patchdp_opacus.app.outputs import dumps
 
         print(dumps(points))
     else:
@@ -403,22 +472,24 @@ def cmd_plot(args) -> int:
 
 
 def plot_runs(points: list[dict], out: Path) -> None:
-    """mIoU against target epsilon, one curve per accounting, mean ± std over seeds."""
+    """The headline metric against target epsilon, one curve per accounting (and per
+    sigma_aug for the Gaussian augmentation), mean ± std over seeds."""
     from patchdp_opacus.commands._plot import log_axis, new_figure, save, spans_decades
 
-    fig, ax = new_figure("mIoU vs privacy budget: noise calibrated with patch-level or "
-                         "record-level accounting (mean ± std over seeds)",
-                         "target epsilon (nats)", "validation mIoU")
-    for i, (level, label) in enumerate((("patch", "patch-level accounting"),
-                                        ("record", "record-level accounting (DP-SGD)"))):
-        rows = [r for r in points if r["accounting"] == level]
-        if not rows:
-            continue
+    metric = points[0]["metric"]
+    fig, ax = new_figure(f"{HEADLINES[metric]} vs privacy budget: noise calibrated per "
+                         f"accounting (mean ± std over seeds)", "target epsilon (nats)",
+                         HEADLINES[metric])
+    curves = sorted({(r["accounting"], r.get("sigma_aug")) for r in points},
+                    key=lambda c: ([a for a, _ in CURVES].index(c[0]) if c[0] in dict(CURVES)
+                                   else len(CURVES), c[1] or 0))
+    for i, (level, sigma) in enumerate(curves):
+        rows = [r for r in points if (r["accounting"], r.get("sigma_aug")) == (level, sigma)]
         x = [r["epsilon"] for r in rows]
-        mean = [r["miou_mean"] for r in rows]
-        std = [r["miou_std"] for r in rows]
-        seeds = sorted({r["seeds"] for r in rows})
-        seeds_text = "/".join(map(str, seeds))
+        mean = [r["mean"] for r in rows]
+        std = [r["std"] for r in rows]
+        seeds_text = "/".join(map(str, sorted({r["seeds"] for r in rows})))
+        label = dict(CURVES).get(level, level) + (f", σ_aug = {sigma:g}" if sigma else "")
         ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=f"C{i}",
                     label=f"{label}, {seeds_text} seed(s) per point")
         ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
@@ -430,15 +501,26 @@ def plot_runs(points: list[dict], out: Path) -> None:
 
 
 def aggregate_runs(finals) -> list[dict]:
-    """Group final metrics by (accounting, target epsilon): mean and std of mIoU over seeds
-    (runs without a target epsilon or without an mIoU are left out)."""
+    """Group final metrics by (accounting, sigma_aug, target epsilon): mean and std of the
+    headline metric (mIoU or top-1 accuracy) over seeds (runs without a target epsilon or
+    without the metric are left out).  Segmentation points keep ``miou_mean`` /
+    ``miou_std``."""
     import numpy as np
 
     groups: dict = {}
     for f in finals:
-        if f.get("target_epsilon") is None or f.get("miou") is None:
+        metric = next((k for k in HEADLINES if k in f), None)
+        if f.get("target_epsilon") is None or metric is None or f.get(metric) is None:
             continue
-        groups.setdefault((f["accounting"], float(f["target_epsilon"])), []).append(f["miou"])
-    return [{"accounting": a, "epsilon": e, "miou_mean": float(np.mean(v)),
-             "miou_std": float(np.std(v)), "seeds": len(v)}
-            for (a, e), v in sorted(groups.items())]
+        key = (metric, f["accounting"], f.get("sigma_aug"), float(f["target_epsilon"]))
+        groups.setdefault(key, []).append(f[metric])
+    points = []
+    for (metric, a, sigma, e), v in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], kv[0][2] or 0, kv[0][3])):
+        point = {"accounting": a, "epsilon": e, "metric": metric, "mean": float(np.mean(v)),
+                 "std": float(np.std(v)), "seeds": len(v),
+                 f"{metric}_mean": float(np.mean(v)), f"{metric}_std": float(np.std(v))}
+        if sigma is not None:
+            point["sigma_aug"] = sigma
+        points.append(point)
+    return points
