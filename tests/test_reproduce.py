@@ -137,8 +137,9 @@ def test_training_figures_print_their_grid_and_needs(capsys):
     assert main(["fig13", "fig5"]) == 0
     out = capsys.readouterr().out
     assert "scripts/run_paper_grid.py --config configs/dtd/resnet18.yaml" in out
-    assert "phase B" in out and "GPU-h" in out and "preprocess_dtd.py" in out
-    assert "configs/cityscapes/pspnet.yaml" in out and "status: runs now" in out
+    assert "patchdp reproduce fig13 --data-root ROOT" in out and "GPU-h" in out
+    assert "preprocess_dtd.py" in out and "_resize.yaml" in out
+    assert "configs/cityscapes/pspnet.yaml" in out and "phase B" not in out
     assert main(["fig99"]) == 2
     assert "unknown figure 'fig99'" in capsys.readouterr().err
 
@@ -153,3 +154,10 @@ def test_register_adds_a_patchdp_subcommand(capsys):
     args = parser.parse_args(["reproduce", "table1"])
     assert args.handler(args) == 0
     assert "configs/mnist/table1_crop.yaml" in capsys.readouterr().out
+    from patchdp_opacus.cli import main as patchdp
+
+    assert patchdp(["reproduce", "table1", "--data-root", "data/mnist", "--seeds", "1",
+                    "--dry-run", "--runs", "elsewhere"]) == 0
+    out = capsys.readouterr().out
+    assert "--accounting none --seed 1 --output elsewhere/mnist_table1_crop/none_seed1" in out
+    assert "--set privacy.epsilon=null" in out and "--data-root data/mnist" in out

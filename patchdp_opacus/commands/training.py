@@ -247,21 +247,9 @@ class _Bars:
         self.bar.close()
 
 
-def run_name(accounting: str, epsilon=None, noise_multiplier=None, seed: int = 0,
-             sigma_aug=None) -> str:
-    """The run folder's name: ``<accounting>[_sigma<A>]_<eps<E>|z<Z>>_seed<S>`` (``none_seed<S>``
-    for a non-private run); the grid runner and ``patchdp reproduce`` use the same."""
-    parts = [accounting]
-    if accounting == "gaussian_augmentation" and sigma_aug is not None:
-        parts.append(f"sigma{sigma_aug:g}")
-    if epsilon is not None:
-        parts.append(f"eps{epsilon:g}")
-    elif noise_multiplier is not None:
-        parts.append(f"z{noise_multiplier:g}")
-    return "_".join(parts + [f"seed{seed}"])
-
-
 def default_output(cfg) -> Path:
+    from patchdp_opacus.app.runs import run_name
+
     p = cfg.privacy
     return Path("runs") / cfg.name / run_name(p.accounting, p.epsilon, p.noise_multiplier,
                                               cfg.training.seed, p.sigma_aug)

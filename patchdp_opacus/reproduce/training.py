@@ -1,5 +1,6 @@
 """What the paper's training figures need: the grid each one runs, the data, and an estimate of
-the GPU time. Nothing is run from here; :func:`instructions` returns the lines to print.
+the GPU time. :func:`instructions` returns the lines to print; ``patchdp reproduce FIGURE
+--data-root ROOT`` runs the grids (:mod:`.grid`) and draws the figure (:mod:`.cli`).
 
 GPU-hour estimates: images per run (N x epochs) over the DP-training throughput measured on one
 H100 at the paper's configuration (the project's measurements: DeepLabV3+ 21.6 img/s, dilated
@@ -12,15 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from patchdp_opacus.reproduce.grid import DEFAULT_SIGMA_AUG, EPSILONS, SEEDS
+
 __all__ = ["EPSILONS", "SEEDS", "TRAINING_FIGURES", "TrainingFigure", "instructions"]
 
-EPSILONS = (1, 5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100)
-SEEDS = (10, 20, 30, 516)
-PHASE_B = ("needs the classification integration of issue 14 (phase B): 'patchdp train' does not "
-           "read 'task: classification' configs yet")
-GAUSS_B = ("needs the Gaussian-augmentation training baseline of issue 14 (phase B): "
-           "'privacy.accounting: gaussian_augmentation' and run_paper_grid.py --accounting "
-           "gaussian_augmentation do not exist yet")
+GAUSS = ("sigma_aug (pixel units) of the Gaussian-augmentation runs: --sigma-aug, default "
+         f"{DEFAULT_SIGMA_AUG:g} (the paper calibrated it per epsilon and did not export the "
+         "values); the patch/record runs are those of Fig. 5 (a finished run is skipped)")
 
 
 @dataclass(frozen=True)
@@ -35,6 +34,12 @@ class Grid:
     cap_hours: float | None = None
     accountings: tuple = ("patch", "record")
     epsilons: tuple = EPSILONS
+
+    @property
+    def dataset(self) -> str:
+        """The data set's name (the folder of the config): what ``--data-root NAME=PATH``
+        names."""
+        return self.config.split("/")[-2]
 
     @property
     def runs(self) -> int:
@@ -52,8 +57,12 @@ class Grid:
 CITYSCAPES = "Cityscapes: ROOT/leftImg8bit/{train,val}/<city>/*.png + ROOT/gtFine/..."
 A2D2 = "A2D2 camera_lidar_semantic: ROOT/<session>/camera|label/cam_front_center + class_list.json"
 DTD = ("DTD 300x300 copy: python scripts/preprocess_dtd.py RAW ROOT (RAW = the official "
-       "dtd-r1.0.1 archive, images/ + labels/)")
+       "dtd-r1.0.1 archive, images/ + labels/); or RAW itself with configs/dtd/*_resize.yaml "
+       "(the resize in the loader)")
 MNIST = "MNIST idx files (train/t10k images+labels, .gz or plain) in ROOT or ROOT/MNIST/raw"
+
+
+WITH_GAUSS = ("patch", "record", "gaussian_augmentation")
 
 
 def _seg(config, data, n, epochs, rate, accountings=("patch", "record")):
@@ -64,9 +73,9 @@ def _seg(config, data, n, epochs, rate, accountings=("patch", "record")):
 class TrainingFigure:
     title: str
     grids: tuple
-    status: str = "runs now"
-    plot: str = "patchdp plot runs/<dataset>_<model> --out FIG.png"
     notes: tuple = ()
+    plot: str = "patchdp plot runs/<dataset>_<model> --out FIG.png"
+    table: bool = False  # a table of final accuracies instead of a plot (Table 1)
 
 
 TRAINING_FIGURES: dict[str, TrainingFigure] = {
@@ -78,41 +87,38 @@ TRAINING_FIGURES: dict[str, TrainingFigure] = {
          _seg("configs/a2d2/pspnet.yaml", A2D2, 18557, 25, 31.9),
          _seg("configs/a2d2/deeplabv3plus.yaml", A2D2, 18557, 25, 21.6))),
     "fig11": TrainingFigure(
-        "mIoU vs ε with Gaussian-noise augmentation, Cityscapes (patch/record runs shared with "
-        "Fig. 5)",
-        (_seg("configs/cityscapes/deeplabv3plus.yaml", CITYSCAPES, 2975, 100, 21.6,
-              ("gaussian_augmentation",)),
-         _seg("configs/cityscapes/pspnet.yaml", CITYSCAPES, 2975, 100, 31.9,
-              ("gaussian_augmentation",))), GAUSS_B),
+        "mIoU vs ε: Gaussian-noise augmentation beside patch and record level, Cityscapes",
+        (_seg("configs/cityscapes/deeplabv3plus.yaml", CITYSCAPES, 2975, 100, 21.6, WITH_GAUSS),
+         _seg("configs/cityscapes/pspnet.yaml", CITYSCAPES, 2975, 100, 31.9, WITH_GAUSS)),
+        (GAUSS,)),
     "fig12": TrainingFigure(
-        "mIoU vs ε with Gaussian-noise augmentation, A2D2 (patch/record runs shared with Fig. 5)",
-        (_seg("configs/a2d2/deeplabv3plus.yaml", A2D2, 18557, 25, 21.6,
-              ("gaussian_augmentation",)),
-         _seg("configs/a2d2/pspnet.yaml", A2D2, 18557, 25, 31.9, ("gaussian_augmentation",))),
-        GAUSS_B),
+        "mIoU vs ε: Gaussian-noise augmentation beside patch and record level, A2D2",
+        (_seg("configs/a2d2/deeplabv3plus.yaml", A2D2, 18557, 25, 21.6, WITH_GAUSS),
+         _seg("configs/a2d2/pspnet.yaml", A2D2, 18557, 25, 31.9, WITH_GAUSS)), (GAUSS,)),
     "fig13": TrainingFigure(
         "DTD top-1 accuracy vs ε, ResNet-18 and VGG-11 (per-seed views Fig. 15-16)",
         (Grid("configs/dtd/resnet18.yaml", DTD, 1879 * 150, cap_hours=2.5),
-         Grid("configs/dtd/vgg11.yaml", DTD, 1879 * 150, cap_hours=2.5)), PHASE_B),
+         Grid("configs/dtd/vgg11.yaml", DTD, 1879 * 150, cap_hours=2.5)),
+        ("evaluation on whole val images (as the paper's code); the paper reports test "
+         "accuracy: patchdp evaluate --checkpoint RUN/checkpoint.pt --split test",
+         "ImageNet weights are downloaded by torchvision on the first run")),
     "fig14": TrainingFigure(
         "MNIST top-1 accuracy vs ε, ResNet-18 and VGG-11 (crop 10, patch 1x1)",
         (Grid("configs/mnist/resnet18.yaml", MNIST, 55000 * 15, cap_hours=2.5),
-         Grid("configs/mnist/vgg11.yaml", MNIST, 55000 * 15, cap_hours=2.5)), PHASE_B),
+         Grid("configs/mnist/vgg11.yaml", MNIST, 55000 * 15, cap_hours=2.5))),
     "table1": TrainingFigure(
         "MNIST non-private accuracy with and without the 10x10 crop (ResNet-18; the VGG-11 row: "
-        "the same configs with model.arch: vgg11)",
+        "the same configs with --set model.arch=vgg11 --set training.lr=0.002)",
         (Grid("configs/mnist/table1_nocrop.yaml", MNIST, 55000 * 15, cap_hours=2.5,
               accountings=("none",), epsilons=(None,)),
          Grid("configs/mnist/table1_crop.yaml", MNIST, 55000 * 15, cap_hours=2.5,
-              accountings=("none",), epsilons=(None,))), PHASE_B,
-        plot="read final_metrics.json of each run (accuracy)"),
+              accountings=("none",), epsilons=(None,))),
+        ("paper: no crop 99.4 % (VGG-11 99.2 %), crop 10 26.0 % (VGG-11 16.7 %), test split",),
+        plot="TABLE.csv: test accuracy per config, mean ± std over seeds", table=True),
 }
 
 
 def _command(grid: Grid) -> str:
-    if grid.epsilons == (None,):
-        return (f"for s in {' '.join(map(str, SEEDS))}; do patchdp train --config {grid.config} "
-                f"--seed $s --data-root ROOT; done")
     acc = "" if grid.accountings == ("patch", "record") else \
         f" --accounting {' '.join(grid.accountings)}"
     return (f"python scripts/run_paper_grid.py --config {grid.config}{acc} --gpus 0 1 2 3 "
@@ -122,10 +128,12 @@ def _command(grid: Grid) -> str:
 def instructions(name: str) -> list[str]:
     """The lines that tell a user how to produce training figure ``name``."""
     fig = TRAINING_FIGURES[name]
-    lines = [f"{name}: {fig.title}", f"  status: {fig.status}"]
+    lines = [f"{name}: {fig.title}",
+             f"  run it: patchdp reproduce {name} --data-root ROOT [--gpus 0 1 2 3] "
+             f"(runs the grids below, then {'writes the table' if fig.table else 'plots'})"]
     for grid in fig.grids:
         lines += [f"  {_command(grid)}",
-                  f"      data: {grid.data}",
+                  f"      data ({grid.dataset}): {grid.data}",
                   f"      GPU time: {grid.gpu_hours()}"]
     lines.append(f"  then: {fig.plot}")
     lines += [f"  note: {n}" for n in fig.notes]
