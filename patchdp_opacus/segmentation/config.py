@@ -34,6 +34,8 @@ class DatasetConfig:
     root: Optional[str] = None
     train: dict = field(default_factory=lambda: {"split": "train"})
     val: dict = field(default_factory=lambda: {"split": "val"})
+    # applied to training samples before the loader's crop (segmentation.augment), inspected
+    transforms: list = field(default_factory=list)
 
 
 @dataclass
@@ -60,6 +62,8 @@ class PrivacyConfig:
     # loader-owned resampling before/with the crop, e.g. {kind: random_scale_crop,
     # scale_range: [0.5, 2.0], scale_step: 0.25}; see privacy.geometric.geometry_from_config
     transform: Optional[dict] = None
+    # applied by the loader to each crop (segmentation.augment): may read the whole crop
+    post_crop_transforms: list = field(default_factory=list)
     private_region: dict = field(default_factory=lambda: {"shape": "rectangle", "size": [10, 10]})
     max_grad_norm: float = 2.0
     secure_sampling: bool = False
@@ -275,12 +279,24 @@ _count = _number(int, low=1)
 
 #: dotted key -> check.  A new config key is one row (a key without a row is type-checked
 #: against its default value).
+def _transform_list(value):
+    """A list of ``{tv.Name: {kwargs}}`` / ``{A.Name: {kwargs}}`` items (segmentation.augment);
+    every item is built once here, so a bad name or argument is a config error."""
+    from patchdp_opacus.segmentation.augment import build_transforms
+
+    if value is None:
+        return []
+    build_transforms(value)
+    return list(value)
+
+
 CHECKS: dict[str, Callable[[Any], Any]] = {
     "name": _string,
     "dataset.name": _registry("patchdp_opacus.segmentation.datasets", "DATASETS", "dataset"),
     "dataset.root": _optional(_string),
     "dataset.train": _mapping,
     "dataset.val": _mapping,
+    "dataset.transforms": _transform_list,
     "model.arch": _registry("patchdp_opacus.segmentation.models", "ARCHITECTURES",
                             "architecture"),
     "model.encoder_name": _encoder_name,
@@ -300,6 +316,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "privacy.padding": _pixels0,
     "privacy.pad_if_needed": _boolean,
     "privacy.transform": _optional(_mapping),
+    "privacy.post_crop_transforms": _transform_list,
     "privacy.private_region": _private_region,
     "privacy.max_grad_norm": _number(float, low=0, low_open=True, unit="clip norm C"),
     "privacy.secure_sampling": _boolean,

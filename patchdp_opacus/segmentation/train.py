@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from patchdp_opacus.plugin.engine import PrivacyEngine
 from patchdp_opacus.privacy import PatchDPSGD, PatchPrivacySpec, accounting, region_from_dict
 from patchdp_opacus.segmentation import outputs
+from patchdp_opacus.segmentation.augment import build_transforms
 from patchdp_opacus.segmentation.config import ConfigError, ExperimentConfig, loader_geometry
 from patchdp_opacus.segmentation.datasets import build_dataset
 from patchdp_opacus.segmentation.losses import PerImageCrossEntropy
@@ -99,8 +100,11 @@ def build_datasets(cfg: ExperimentConfig):
     d = cfg.dataset
     sets = []
     for split in ("train", "val"):
+        extra = {"transform": build_transforms(d.transforms)} if split == "train" \
+            and d.transforms else {}
         try:
-            sets.append(build_dataset(d.name, d.root, **{"split": split, **getattr(d, split)}))
+            sets.append(build_dataset(d.name, d.root, **{"split": split, **getattr(d, split),
+                                                         **extra}))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"dataset.{split}", str(exc)) from None
     train_set, val_set = sets
@@ -174,10 +178,15 @@ def _model_seed(cfg: ExperimentConfig, epoch: int) -> Optional[int]:
     return int(np.random.SeedSequence([cfg.training.seed, epoch]).generate_state(1)[0])
 
 
-def _sampling_seed(cfg: ExperimentConfig) -> Optional[int]:
-    """The loader's seed: the config seed when sampling is reproducible, else None (batches and
-    crops from OS entropy; with several ranks the loader shares a secret seed from rank 0)."""
-    return cfg.training.seed if cfg.privacy.reproducible_sampling else None
+def loader_arguments(cfg: ExperimentConfig) -> dict:
+    """What ``make_private`` (and ``CropDPDataLoader.from_data_loader``) needs to build the
+    crop-aware loader of ``cfg``: the loader geometry, the private region, the post-crop stage
+    and the sampling seed (the config seed only when sampling is reproducible; else None:
+    batches and crops from OS entropy, shared by rank 0 under torchrun)."""
+    pcfg = cfg.privacy
+    return dict(crop=loader_geometry(pcfg), private_region=region_from_dict(pcfg.private_region),
+                post_crop_transform=build_transforms(pcfg.post_crop_transforms),
+                seed=cfg.training.seed if pcfg.reproducible_sampling else None)
 
 
 class Progress:
@@ -231,10 +240,8 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, *, resume: bool = True,
         if pcfg.reproducible_noise else None
     common = dict(module=model, optimizer=optimizer, data_loader=base_loader,
                   criterion=criterion, max_grad_norm=pcfg.max_grad_norm,
-                  crop=loader_geometry(pcfg),
-                  private_region=region_from_dict(pcfg.private_region),
-                  seed=_sampling_seed(cfg), noise_generator=noise_generator,
-                  grad_sample_mode=t.grad_sample_mode)
+                  noise_generator=noise_generator, grad_sample_mode=t.grad_sample_mode,
+                  **loader_arguments(cfg))
     if t.fast_options:
         common["fast_options"] = dict(t.fast_options)
     if pcfg.noise_multiplier is not None:
