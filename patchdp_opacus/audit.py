@@ -594,18 +594,21 @@ def audit_training_steps(engine, model, optimizer, loader, loss_fn: Callable, *,
     sampler = loader.batch_sampler
     first_id, before = sampler.last_batch_id, len(engine.accountant)
     noisy = 0
-    context = (BatchMemoryManager(data_loader=loader, optimizer=optimizer,
-                                  max_physical_batch_size=max_physical_batch_size)
-               if max_physical_batch_size else contextlib.nullcontext(loader))
     model.train()
-    with context as batches:
-        for batch in batches:
-            optimizer.zero_grad()
-            loss_fn(model, batch).backward()
-            optimizer.step()
-            noisy += not optimizer._is_last_step_skipped
-            if noisy >= steps:
-                break
+    for _ in range(steps):  # passes over the loader (an epoch may be shorter than `steps`)
+        context = (BatchMemoryManager(data_loader=loader, optimizer=optimizer,
+                                      max_physical_batch_size=max_physical_batch_size)
+                   if max_physical_batch_size else contextlib.nullcontext(loader))
+        with context as batches:
+            for batch in batches:
+                optimizer.zero_grad()
+                loss_fn(model, batch).backward()
+                optimizer.step()
+                noisy += not optimizer._is_last_step_skipped
+                if noisy >= steps:
+                    break
+        if noisy >= steps:
+            break
     drawn = sampler.last_batch_id - first_id
     result = {"logical_batches": drawn, "noisy_steps": noisy,
               "accountant_steps": len(engine.accountant) - before}

@@ -2,7 +2,7 @@
 the GPU time. Nothing is run from here; :func:`instructions` returns the lines to print.
 
 GPU-hour estimates: images per run (N x epochs) over the DP-training throughput measured on one
-H100 at the paper's configuration (DESIGN.md §5: DeepLabV3+ 21.6 img/s, dilated PSPNet 31.9
+H100 at the paper's configuration (measured before this package: DeepLabV3+ 21.6 img/s, PSPNet 31.9
 img/s, frozen BatchNorm, Opacus hooks, physical batch 16, fp32); classification throughput is
 not measured yet — the authors' jobs were capped at 2.5 h on one A100 per run, quoted as an
 upper bound.
