@@ -1,0 +1,73 @@
+"""Red-team reproducers: ways in which a printed epsilon does not hold for the training that ran.
+
+Every test here asserts the *safe* behaviour (an error, or a property DP-SGD needs) and fails on
+the code it was written against.  Each one is small: tiny models, 20x20 images, seconds.
+"""
+
+import warnings
+
+import pytest
+import torch
+from plugin_helpers import TinySegData, TinySegNet, per_image_ce
+from torch import nn
+from torch.utils.data import DataLoader
+
+from patchdp_opacus import PrivacyEngine
+
+CROP, REGION, SIZE = (8, 8), (1, 1), (20, 20)   # p = 64/169 < 1
+SAFE_ERRORS = (RuntimeError, ValueError, TypeError)
+
+
+def _loader(n=24, batch_size=6, **kw):
+    return DataLoader(TinySegData(n, SIZE), batch_size=batch_size, **kw)
+
+
+def _private(model, *, mode="hooks", noise=1.0, clip=1.0, lr=0.1, loader=None, optimizer=None,
+             **kw):
+    optimizer = optimizer or torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=lr)
+    engine = PrivacyEngine()
+    out = engine.make_private(module=model, optimizer=optimizer,
+                              data_loader=loader if loader is not None else _loader(),
+                              noise_multiplier=noise, max_grad_norm=clip, crop=CROP,
+                              private_region=REGION, criterion=per_image_ce(),
+                              grad_sample_mode=mode, **kw)
+    return engine, out
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _moved(model, before):
+    return float(torch.sqrt(sum(((p.detach() - b) ** 2).sum()
+                                for p, b in zip(model.parameters(), before))))
+
+
+# --- finding 1: ghost mode, the wrapped criterion plus a plain tensor ---------------------------
+def test_ghost_loss_plus_plain_tensor_term_cannot_escape_clipping():
+    """Ghost mode returns a wrapped criterion; Opacus lets ``loss + tensor`` through
+    (``DPTensorFastGradientClipping.__add__``), e.g. an auxiliary-head loss computed with a plain
+    criterion or a regulariser.  The second (weighted) backward then multiplies that term by
+    the *sum* of all clip factors, not by each sample's own: one sample's contribution is not
+    clipped.  With noise 0, lr 1 and loss_reduction="mean" a DP step moves the weights by at
+    most C; here it moved them ~190 C, and the accountant charged one ordinary step."""
+    torch.manual_seed(0)
+    model = TinySegNet()
+    clip = 1.0
+    engine, (gsm, opt, crit, loader) = _private(model, mode="ghost", noise=0.0, clip=clip,
+                                                lr=1.0)
+    x, y = next(iter(loader))
+    before = _params(model)
+    try:
+        opt.zero_grad()
+        logits = gsm(x)
+        loss = crit(logits, y) + 1000.0 * logits[0].pow(2).mean()   # aux term, plain tensor
+        loss.backward()
+        opt.step()
+    except SAFE_ERRORS:
+        return  # refused: safe
+    assert _moved(model, before) <= clip * (1 + 1e-3), (
+        f"one DP step moved the weights by {_moved(model, before):.3g} > C = {clip}: a "
+        f"sample's gradient entered the release unclipped, yet {len(engine.accountant)} "
+        f"ordinary step was accounted")
