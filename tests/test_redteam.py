@@ -71,3 +71,50 @@ def test_ghost_loss_plus_plain_tensor_term_cannot_escape_clipping():
         f"one DP step moved the weights by {_moved(model, before):.3g} > C = {clip}: a "
         f"sample's gradient entered the release unclipped, yet {len(engine.accountant)} "
         f"ordinary step was accounted")
+
+
+# --- finding 2: BatchNorm in eval mode that still normalises with batch statistics -----------
+class _BNNet(nn.Module):
+    def __init__(self, bn):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = bn
+        self.head = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+def _bn_without_running_stats():
+    return nn.BatchNorm2d(4, affine=False, track_running_stats=False)
+
+
+def _bn_running_stats_dropped():
+    bn = nn.BatchNorm2d(4, affine=False)
+    bn.running_mean = bn.running_var = None   # torch then uses batch statistics in eval too
+    return bn
+
+
+@pytest.mark.parametrize("make_bn", [_bn_without_running_stats, _bn_running_stats_dropped])
+def test_batchnorm_in_eval_mode_that_uses_batch_statistics_is_refused(make_bn):
+    """The refusal message says "put it in eval mode and keep it there", and
+    ``mixing_modules`` skips every module with ``training == False``.  But a BatchNorm without
+    running statistics (``track_running_stats=False``, or ``running_mean is None``) normalises
+    with the statistics of the *batch* in eval mode as well (torch: ``bn_training = training or
+    running_mean is None``): one image changes every other sample's output and gradient, so the
+    sensitivity of a step is not 2C.  Opacus' validator only looks at BatchNorm with trainable
+    parameters (affine=False has none), so nothing refuses it."""
+    bn = make_bn()
+    bn.eval()
+    model = _BNNet(bn)
+    x = torch.rand(4, 3, 8, 8)
+    x2 = x.clone()
+    x2[0] += 5.0
+    with torch.no_grad():   # the premise: sample 1's output depends on sample 0 in eval mode
+        assert not torch.allclose(model(x)[1], model(x2)[1])
+    with pytest.raises(SAFE_ERRORS):
+        engine, (gsm, opt, loader) = _private(model)
+        for xb, yb in loader:
+            opt.zero_grad()
+            per_image_ce()(gsm(xb), yb).backward()
+            opt.step()
