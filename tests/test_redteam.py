@@ -118,3 +118,40 @@ def test_batchnorm_in_eval_mode_that_uses_batch_statistics_is_refused(make_bn):
             opt.zero_grad()
             per_image_ce()(gsm(xb), yb).backward()
             opt.step()
+
+
+# --- finding 3: noisy steps that are not one draw of the crop-aware loader -------------------
+def test_noisy_step_on_a_batch_the_private_loader_never_drew_is_refused():
+    """``model, optimizer, dp_loader = make_private(data_loader=train_loader, ...)`` and then the
+    loop keeps iterating ``train_loader`` (a renamed variable): full-size, never-cropped images,
+    shuffled with torch's epoch permutation.  The guard only counts rows (6 = B), so every step
+    is accepted and accounted with q = B/N *and* the crop amplification p of a crop that never
+    happened; get_epsilon prints the patch-level epsilon (3.7 here vs 9.3 at record level)."""
+    train_loader = _loader(shuffle=True)
+    engine, (gsm, opt, dp_loader) = _private(TinySegNet(), loader=train_loader)
+    x, y = next(iter(train_loader))
+    assert tuple(x.shape[-2:]) == SIZE   # the premise: uncropped images
+    with pytest.raises(SAFE_ERRORS):
+        opt.zero_grad()
+        per_image_ce()(gsm(x), y).backward()
+        opt.step()
+    assert len(engine.accountant) == 0
+
+
+def test_two_noisy_steps_on_one_drawn_batch_are_refused():
+    """Several optimizer steps on one batch (local steps, SAM-like two-step optimizers, a
+    "repeat the batch" loop): both noisy releases depend on the same sampling and crop draw,
+    but the accountant composes two independent steps at w = q*p.  Their joint privacy loss is
+    that of (1-w) N(0)^2 + w N(2)^2 vs N(0)^2, larger than two independent steps; the guard
+    sees B rows each time and accepts."""
+    engine, (gsm, opt, dp_loader) = _private(TinySegNet())
+    x, y = next(iter(dp_loader))
+    opt.zero_grad()
+    per_image_ce()(gsm(x), y).backward()
+    opt.step()
+    assert len(engine.accountant) == 1
+    with pytest.raises(SAFE_ERRORS):
+        opt.zero_grad()
+        per_image_ce()(gsm(x), y).backward()
+        opt.step()
+    assert len(engine.accountant) == 1
