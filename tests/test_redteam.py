@@ -155,3 +155,79 @@ def test_two_noisy_steps_on_one_drawn_batch_are_refused():
         per_image_ce()(gsm(x), y).backward()
         opt.step()
     assert len(engine.accountant) == 1
+
+
+# --- finding 4: trainable parameters outside the DP optimizer --------------------------------
+@pytest.mark.parametrize("mode", ["hooks", "bk", "ghost"])
+def test_trainable_parameters_outside_the_dp_optimizer_are_refused(mode):
+    """The DP optimizer holds the head's parameters; the backbone stays trainable and a second,
+    plain optimizer steps it (two optimizers with different learning rates / types, or a
+    backbone optimizer forgotten in make_private).  make_private only checks optimizer params
+    are a subset of the module's; backward fills the backbone's ordinary .grad (unclipped, no
+    noise) and the plain optimizer releases it into the model, while get_epsilon prints the
+    DP-SGD epsilon of the head's steps."""
+    model = TinySegNet()
+    dp_opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    plain_opt = torch.optim.SGD(model.body.parameters(), lr=0.1)
+    w0 = model.body[0].weight.detach().clone()
+    try:
+        engine, out = _private(model, mode=mode, optimizer=dp_opt)
+        gsm, opt, loader = out[0], out[1], out[-1]
+        crit = out[2] if len(out) == 4 else per_image_ce()
+        for x, y in loader:
+            opt.zero_grad()
+            plain_opt.zero_grad()
+            crit(gsm(x), y).backward()
+            opt.step()
+            plain_opt.step()
+    except SAFE_ERRORS:
+        return  # refused: safe
+    moved = not torch.equal(model.body[0].weight.detach(), w0)
+    assert not moved, (
+        f"un-noised, unclipped updates reached the backbone while get_epsilon prints "
+        f"{engine.get_epsilon(1e-3):.3g}")
+
+
+# --- finding 5: batch statistics kept in model state without noise ---------------------------
+class _StatNet(nn.Module):
+    """A per-channel running mean of the inputs (EMA), written three ordinary ways."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.register_buffer("ema", torch.zeros(3))
+        self.proto = nn.Parameter(torch.zeros(3), requires_grad=False)
+
+    def forward(self, x):
+        if self.training:
+            m = x.mean(dim=(0, 2, 3)).detach()
+            if self.how == "reassign":           # functional EMA: a new tensor each step
+                self.ema = 0.9 * self.ema + 0.1 * m
+            elif self.how == "data":             # in place through .data
+                self.ema.data.mul_(0.9).add_(0.1 * m)
+            elif self.how == "frozen_parameter":  # prototypes / codebook kept as a Parameter
+                with torch.no_grad():
+                    self.proto.mul_(0.9).add_(0.1 * m)
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("how", ["reassign", "data", "frozen_parameter"])
+def test_batch_statistics_written_to_model_state_are_refused(how):
+    """ModuleIntegrity compares the ``_version`` of the buffer *objects* it saw before the
+    forward: a reassigned buffer (``self.ema = 0.9 * self.ema + ...``), an update through
+    ``.data`` (no version bump) and a frozen Parameter updated in place are not seen.  The
+    statistic of the private batch lands in ``state_dict()`` -- released with the model, no
+    noise, not covered by the printed epsilon.  (The in-place buffer update is refused.)"""
+    model = _StatNet(how)
+    try:
+        engine, (gsm, opt, loader) = _private(model)
+        for x, y in loader:
+            opt.zero_grad()
+            per_image_ce()(gsm(x), y).backward()
+            opt.step()
+    except SAFE_ERRORS:
+        return  # refused: safe
+    assert float(model.ema.abs().sum() + model.proto.abs().sum()) == 0.0, (
+        f"a statistic of private batches is in the released state_dict "
+        f"(ema={model.ema.tolist()}, proto={model.proto.tolist()}), not covered by epsilon")
