@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torchvision.transforms.v2 as T2
 from plugin_helpers import TinySegData, TinySegNet, per_image_ce
 from torch import nn
 from torch.utils.data import DataLoader
@@ -231,3 +232,160 @@ def test_batch_statistics_written_to_model_state_are_refused(how):
     assert float(model.ema.abs().sum() + model.proto.abs().sum()) == 0.0, (
         f"a statistic of private batches is in the released state_dict "
         f"(ema={model.ema.tolist()}, proto={model.proto.tolist()}), not covered by epsilon")
+
+
+# --- finding 6: the same image as several records --------------------------------------------
+def _duplicated(kind):
+    from torch.utils.data import ConcatDataset, Subset
+
+    base = TinySegData(12, SIZE)
+    if kind == "concat":
+        return ConcatDataset([base, base])          # "repeat the data set" / longer epochs
+    return Subset(base, list(range(12)) * 2)        # oversampling by repeated indices
+
+
+@pytest.mark.parametrize("kind", ["concat", "subset"])
+def test_a_dataset_holding_one_image_twice_is_refused(kind):
+    """N = 24 records but only 12 images: each image (and its private region) is in two
+    records.  The accountant uses q = B/N = 0.25 and sensitivity 2C, but an image enters a
+    batch with probability 1 - (18/24)(17/23) ~ 0.45 and can enter it twice (4C): the
+    neighbouring relation is a group of 2 records, not the one record Theorem 2 covers."""
+    from patchdp_opacus.plugin.loader import CropDPDataLoader
+
+    dataset = _duplicated(kind)
+    with pytest.raises(SAFE_ERRORS):
+        CropDPDataLoader.from_data_loader(DataLoader(dataset, batch_size=6), crop=CROP,
+                                          private_region=REGION, image_sizes=[SIZE])
+
+
+# --- finding 7: transforms the inspection never saw --------------------------------------------
+class _RotatingLater(torch.utils.data.Dataset):
+    image_sizes = [SIZE]
+
+    def __init__(self):
+        self.transform = None
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        x = torch.rand(3, *SIZE)
+        return (self.transform(x) if self.transform is not None else x), 0
+
+
+def test_a_transform_set_after_the_loader_was_built_is_refused():
+    """The inspection runs once, in the loader's constructor; the loader keeps the same
+    dataset object.  Assigning ``dataset.transform`` afterwards (code order, or an augmentation
+    schedule that switches rotations on at epoch k) puts a rotation before the crop that
+    nothing inspects, while the README promises it is refused."""
+    from patchdp_opacus.plugin.loader import CropDPDataLoader
+
+    dataset = _RotatingLater()
+    loader = CropDPDataLoader.from_data_loader(DataLoader(dataset, batch_size=4), crop=CROP,
+                                               private_region=REGION)
+    dataset.transform = T2.RandomRotation(45)
+    with pytest.raises(SAFE_ERRORS):
+        for _ in loader:
+            pass
+
+
+class _ClassAttributeAugment(torch.utils.data.Dataset):
+    augment = T2.RandomRotation(45)               # a class attribute, shared by instances
+    image_sizes = [SIZE]
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return self.augment(torch.rand(3, *SIZE)), 0
+
+
+class _SlotsAugment(torch.utils.data.Dataset):
+    __slots__ = ("augment",)
+    image_sizes = [SIZE]
+
+    def __init__(self):
+        self.augment = T2.RandomRotation(45)       # stored in a slot, not in __dict__
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return self.augment(torch.rand(3, *SIZE)), 0
+
+
+@pytest.mark.parametrize("dataset_cls", [_ClassAttributeAugment, _SlotsAugment])
+def test_transforms_outside_the_instance_dict_are_inspected(dataset_cls):
+    """The walk reads ``obj.__dict__`` only: a transform held as a class attribute or in a
+    ``__slots__`` slot (also ``@dataclass(slots=True)``) is never classified, so a rotation
+    before the crop is accepted (``inspection.checked == []``)."""
+    from patchdp_opacus.plugin.transforms import TransformNotAllowedError, inspect_dataset
+
+    with pytest.raises(TransformNotAllowedError):
+        inspect_dataset(dataset_cls())
+
+
+# --- finding 8: the post-crop stage is not inspected ------------------------------------------
+class _CopyPaste:
+    """Simple Copy-Paste: paste a piece of another (full, uncropped) training image."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __call__(self, sample):
+        image, target = sample
+        other = self.dataset[int(torch.randint(len(self.dataset), ()))][0]
+        image = image.clone()
+        image[:, :4, :4] = other[:, 8:12, 8:12]
+        return image, target
+
+
+def test_a_post_crop_transform_that_reads_other_training_images_is_refused():
+    """``post_crop_transform`` is applied without any inspection because "a function of the
+    crop cannot depend on pixels outside it".  A callable that holds the data set (copy-paste,
+    mosaic or mix-in augmentations) is not a function of the crop: every sample can carry
+    pixels of any other image's private region, whatever that image's crop was."""
+    from patchdp_opacus.plugin.loader import CropDPDataLoader
+
+    dataset = TinySegData(8, SIZE)
+    with pytest.raises(SAFE_ERRORS):
+        loader = CropDPDataLoader.from_data_loader(
+            DataLoader(dataset, batch_size=4), crop=CROP, private_region=REGION,
+            image_sizes=[SIZE], post_crop_transform=_CopyPaste(dataset))
+        for _ in loader:
+            pass
+
+
+# --- finding 9: albumentations' resize family before the crop --------------------------------
+def _alb_random_smallest_max_size():
+    import albumentations as A
+    return A.SmallestMaxSize(max_size=[16, 20, 24], interpolation=0, p=1.0)
+
+
+def _alb_random_longest_max_size():
+    import albumentations as A
+    return A.LongestMaxSize(max_size=[16, 20, 24], interpolation=0, p=1.0)
+
+
+def _alb_nearest_resize_with_area_downscale():
+    import albumentations as A
+    return A.Resize(16, 16, interpolation=0, area_for_downscale="image")
+
+
+@pytest.mark.parametrize("make", [_alb_random_smallest_max_size, _alb_random_longest_max_size,
+                                  _alb_nearest_resize_with_area_downscale])
+def test_albumentations_random_or_area_resize_before_the_crop_is_refused(make):
+    """Allowed as "deterministic geometry" when ``interpolation`` is nearest, but
+    (a) ``SmallestMaxSize``/``LongestMaxSize(max_size=[...])`` draw the size at random: random
+    scale jitter before the crop (the reason torchvision's RandomShortestSize is refused: the
+    region's size in pixels changes with the scale); (b) ``area_for_downscale="image"``
+    switches the image kernel to cv2.INTER_AREA whenever it downscales, so a region spreads
+    over more output pixels than a nearest resize gives (a 6x6 region downscaled 3x: 3x3
+    output pixels instead of 2x2), and ``p`` for the region declared in resized pixels does
+    not hold."""
+    import albumentations as A
+
+    from patchdp_opacus.plugin.transforms import TransformNotAllowedError, inspect_pipeline
+
+    with pytest.raises(TransformNotAllowedError):
+        inspect_pipeline(A.Compose([make()]))
