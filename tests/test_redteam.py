@@ -389,3 +389,41 @@ def test_albumentations_random_or_area_resize_before_the_crop_is_refused(make):
 
     with pytest.raises(TransformNotAllowedError):
         inspect_pipeline(A.Compose([make()]))
+
+
+# --- finding 10: reports of the randomness sources ---------------------------------------------
+def test_reports_follow_the_sampling_and_noise_generators_actually_used():
+    """Opacus' ``switch_generator(data_loader=loader, generator=g)`` replaces the generator of
+    the loader's (shared) batch sampler, and an Opacus user may set ``optimizer.generator``;
+    both are then used as given -- batches, crops and noise reproducible from seed 0 -- while
+    the privacy report still says "generator seeded from OS entropy" and "torch generator
+    seeded from OS entropy (not reproducible from any seed)"."""
+    from opacus.data_loader import switch_generator
+
+    engine, (gsm, opt, loader) = _private(TinySegNet())
+    switch_generator(data_loader=loader, generator=torch.Generator().manual_seed(0))
+    sampler = loader.batch_sampler
+    probe = torch.Generator().manual_seed(0)
+    reproducible_sampling = sampler.generator is not None and \
+        sampler.generator.get_state().equal(probe.get_state())
+    opt.generator = torch.Generator().manual_seed(0)
+    x, y = next(iter(loader))
+    opt.zero_grad()
+    per_image_ce()(gsm(x), y).backward()
+    opt.step()
+    report = engine.privacy_report(1e-3)
+    if reproducible_sampling:
+        assert "OS entropy" not in report["sampling_source"], report["sampling_source"]
+    if opt.generator is not None and opt.generator.initial_seed() == 0:
+        assert "not reproducible" not in report["noise_source"], report["noise_source"]
+
+
+def test_inheriting_the_users_seeded_dataloader_generator_is_not_silent():
+    """``DataLoader(..., generator=torch.Generator().manual_seed(42))`` is the usual way to make
+    *shuffling* reproducible.  ``make_private`` silently takes that generator for the secret
+    draws (batch indices and crop origins): they are reproducible from a seed that sits in the
+    user's public code, and ``get_epsilon`` prints the amplified epsilon without a word (only
+    the report's sampling_source mentions a seed)."""
+    loader = _loader(generator=torch.Generator().manual_seed(42))
+    with pytest.warns(UserWarning, match="(?i)seed|generator"):
+        _private(TinySegNet(), loader=loader)
