@@ -74,6 +74,35 @@ def test_ghost_loss_plus_plain_tensor_term_cannot_escape_clipping():
         f"ordinary step was accounted")
 
 
+
+def test_ghost_step_with_an_unwrapped_loss_cannot_reuse_stale_norms():
+    """After one step with the wrapped criterion, a step whose loss comes from a plain
+    criterion (a warm-up/extra loss branch, a re-bound ``criterion`` variable) is accepted:
+    the rows check reads ``per_sample_gradient_norms`` left over from the previous step (B
+    rows), and DPOptimizerFastGradientClipping releases ``p.grad`` as if it were the clipped
+    sum -- here the unclipped batch gradient (moved 2.4 with C = 1e-3)."""
+    torch.manual_seed(0)
+    model = TinySegNet()
+    clip = 1e-3
+    engine, (gsm, opt, crit, loader) = _private(model, mode="ghost", noise=0.0, clip=clip,
+                                                lr=1.0)
+    batches = iter(loader)
+    x, y = next(batches)
+    opt.zero_grad()
+    crit(gsm(x), y).backward()
+    opt.step()
+    x, y = next(batches)
+    before = _params(model)
+    try:
+        opt.zero_grad()
+        (100 * per_image_ce()(gsm(x), y)).backward()   # not the wrapped criterion
+        opt.step()
+    except SAFE_ERRORS:
+        return  # refused: safe
+    assert _moved(model, before) <= clip * (1 + 1e-3), (
+        f"moved {_moved(model, before):.3g} > C = {clip}: an unclipped gradient was released "
+        f"and accounted as DP step {len(engine.accountant)}")
+
 # --- finding 2: BatchNorm in eval mode that still normalises with batch statistics -----------
 class _BNNet(nn.Module):
     def __init__(self, bn):
