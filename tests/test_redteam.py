@@ -456,3 +456,44 @@ def test_inheriting_the_users_seeded_dataloader_generator_is_not_silent():
     loader = _loader(generator=torch.Generator().manual_seed(42))
     with pytest.warns(UserWarning, match="(?i)seed|generator"):
         _private(TinySegNet(), loader=loader)
+
+
+# --- finding 11: patchdp train evaluates on (and draws) private training images --------------
+def test_train_refuses_or_flags_validation_on_the_training_split(tmp_path, capsys):
+    """``dataset.val: {split: train, ...}`` (no validation split at hand) is accepted: the run
+    releases mIoU, per-class IoU and pixel accuracy computed on training images without noise,
+    and ``prediction.png`` shows training images with their predictions -- while
+    ``privacy_report.txt`` states "no statistic of private batches leaves training
+    un-noised"."""
+    import yaml
+
+    from patchdp_opacus.cli import main
+
+    data = {"image_size": [32, 64], "seed": 3, "max_private_patch": [4, 4]}
+    cfg = {
+        "name": "tiny",
+        "dataset": {"name": "synthetic", "root": None,
+                    "train": {"split": "train", "num_samples": 24, **data},
+                    "val": {"split": "train", "num_samples": 4, **data}},
+        "model": {"arch": "deeplabv3plus", "encoder_name": "resnet18", "encoder_weights": None,
+                  "num_classes": 19, "output_stride": 16, "norm": "group",
+                  "aspp_rates": [2, 4, 6], "extra": {"encoder_depth": 3, "decoder_channels": 48}},
+        "privacy": {"accounting": "patch", "epsilon": 6.0, "crop": [24, 24],
+                    "private_region": {"shape": "rectangle", "size": [4, 4]},
+                    "max_grad_norm": 1.0},
+        "training": {"epochs": 1, "batch_size": 8, "max_physical_batch_size": 8, "lr": 0.1,
+                     "eval_every": 1, "eval_batch_size": 2, "device": "cpu", "seed": 5},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    try:
+        rc = main(["train", "--config", str(path), "--output", str(run), "--quiet",
+                   "--max-steps", "1"])
+    except SystemExit as exc:
+        rc = exc.code
+    if rc != 0:
+        return  # refused: safe
+    report = (run / "privacy_report.txt").read_text()
+    assert "no statistic of private batches leaves training" not in report
+    assert not (run / "prediction.png").exists(), "training images written to prediction.png"
