@@ -4,7 +4,6 @@ Every test here asserts the *safe* behaviour (an error, or a property DP-SGD nee
 the code it was written against.  Each one is small: tiny models, 20x20 images, seconds.
 """
 
-import warnings
 
 import pytest
 import torch
@@ -156,7 +155,8 @@ def test_noisy_step_on_a_batch_the_private_loader_never_drew_is_refused():
     loop keeps iterating ``train_loader`` (a renamed variable): full-size, never-cropped images,
     shuffled with torch's epoch permutation.  The guard only counts rows (6 = B), so every step
     is accepted and accounted with q = B/N *and* the crop amplification p of a crop that never
-    happened; get_epsilon prints the patch-level epsilon (3.7 here vs 9.3 at record level)."""
+    happened; get_epsilon prints the patch-level epsilon with p = 64/169 for a run in which
+    every image was used whole (and not even sampled as Theorem 2 assumes)."""
     train_loader = _loader(shuffle=True)
     engine, (gsm, opt, dp_loader) = _private(TinySegNet(), loader=train_loader)
     x, y = next(iter(train_loader))
