@@ -497,3 +497,40 @@ def test_train_refuses_or_flags_validation_on_the_training_split(tmp_path, capsy
     report = (run / "privacy_report.txt").read_text()
     assert "no statistic of private batches leaves training" not in report
     assert not (run / "prediction.png").exists(), "training images written to prediction.png"
+
+
+# --- finding 12: one engine, two make_private calls with different geometries ----------------
+def test_steps_of_a_first_make_private_are_not_accounted_with_a_later_geometry():
+    """Two models (an ensemble, teacher and student) made private by one engine before
+    training: the accountant holds a single spec, which the second call replaces
+    (``set_spec`` allows it while no step was taken), but the first optimizer's hook still
+    steps that accountant.  Model A is trained with a 16x16 crop (p = 1); its steps are
+    accounted with model B's 4x4 crop (p = 16/289): get_epsilon printed 1.5 for a run whose
+    epsilon is 9.3."""
+    from patchdp_opacus.privacy import accounting
+
+    engine = PrivacyEngine()
+    a, b = TinySegNet(), TinySegNet()
+    common = dict(noise_multiplier=1.0, max_grad_norm=1.0, private_region=REGION,
+                  criterion=per_image_ce())
+    try:
+        gsm_a, opt_a, loader_a = engine.make_private(
+            module=a, optimizer=torch.optim.SGD(a.parameters(), lr=0.1), data_loader=_loader(),
+            crop=(16, 16), **common)
+        engine.make_private(
+            module=b, optimizer=torch.optim.SGD(b.parameters(), lr=0.1), data_loader=_loader(),
+            crop=(4, 4), **common)
+        for x, y in loader_a:
+            opt_a.zero_grad()
+            per_image_ce()(gsm_a(x), y).backward()
+            opt_a.step()
+    except SAFE_ERRORS:
+        return  # refused: safe
+    p_a = loader_a.inclusion_probability
+    steps = len(engine.accountant)
+    truth = accounting.epsilon(accounting.PatchDPSGD(1.0, loader_a.sample_rate, p_a, steps),
+                               1e-3)
+    assert engine.get_epsilon(1e-3) >= truth * (1 - 1e-6), (
+        f"printed {engine.get_epsilon(1e-3):.3g} for model A's {steps} steps, whose epsilon "
+        f"is {truth:.3g} (p = {p_a:.3g}, accountant p = "
+        f"{engine.accountant.inclusion_probability:.3g})")
