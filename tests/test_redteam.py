@@ -534,3 +534,26 @@ def test_steps_of_a_first_make_private_are_not_accounted_with_a_later_geometry()
         f"printed {engine.get_epsilon(1e-3):.3g} for model A's {steps} steps, whose epsilon "
         f"is {truth:.3g} (p = {p_a:.3g}, accountant p = "
         f"{engine.accountant.inclusion_probability:.3g})")
+
+
+def test_steps_of_a_first_make_private_survive_a_later_opacus_mode_call():
+    """Same engine, model A in the patch-level mode, then model B without a geometry (the
+    Opacus mode) before any step: ``_switch_accountant`` swaps in a fresh 'prv' accountant, A's
+    optimizer keeps stepping the orphaned patch accountant, and after A's 4 private steps
+    ``privacy_report`` says steps = 0 and epsilon 0.0."""
+    engine = PrivacyEngine()
+    a, b = TinySegNet(), TinySegNet()
+    try:
+        gsm_a, opt_a, loader_a = engine.make_private(
+            module=a, optimizer=torch.optim.SGD(a.parameters(), lr=0.1), data_loader=_loader(),
+            noise_multiplier=1.0, max_grad_norm=1.0, crop=CROP, private_region=REGION)
+        engine.make_private(module=b, optimizer=torch.optim.SGD(b.parameters(), lr=0.1),
+                            data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+        for x, y in loader_a:
+            opt_a.zero_grad()
+            per_image_ce()(gsm_a(x), y).backward()
+            opt_a.step()
+        report = engine.privacy_report(1e-3)
+    except SAFE_ERRORS:
+        return  # refused: safe
+    assert report["steps"] == len(loader_a), report
