@@ -391,7 +391,17 @@ def loader_geometry(privacy: PrivacyConfig):
                                 privacy.transform)
 
 
+def _validation_is_not_training(cfg: "ExperimentConfig"):
+    train = cfg.dataset.train.get("split", "train")
+    if cfg.dataset.val.get("split", "val") == train:
+        raise ConfigError("dataset.val.split", f"the validation split is the training split "
+                          f"({train!r}): mIoU, per-class IoU and prediction images would be "
+                          f"statistics of the private training data, released without noise; "
+                          f"evaluate on a held-out split")
+
+
 CROSS_CHECKS: list[Callable[["ExperimentConfig"], None]] = [
+    _validation_is_not_training,
     _one_noise_setting, _secure_or_reproducible, _dataset_arguments, _loader_geometry_builds]
 
 

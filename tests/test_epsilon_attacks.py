@@ -1,4 +1,4 @@
-"""Red-team reproducers: ways in which a printed epsilon does not hold for the training that ran.
+"""Reviewed attacks: ways in which a printed epsilon did not hold for the training that ran.
 
 Every test here asserts the *safe* behaviour (an error, or a property DP-SGD needs) and fails on
 the code it was written against.  Each one is small: tiny models, 20x20 images, seconds.
@@ -557,3 +557,26 @@ def test_steps_of_a_first_make_private_survive_a_later_opacus_mode_call():
     except SAFE_ERRORS:
         return  # refused: safe
     assert report["steps"] == len(loader_a), report
+
+
+# --- controls: what the fixes above must keep working ----------------------------------------
+def test_controls_distinct_records_class_constants_and_a_plain_post_crop_stage():
+    from torch.utils.data import ConcatDataset, Subset
+
+    from patchdp_opacus.plugin.loader import CropDPDataLoader
+
+    a, b = TinySegData(12, SIZE, seed=0), TinySegData(12, SIZE, seed=1)
+    for dataset in (ConcatDataset([a, b]), Subset(a, [0, 3, 5, 7, 9, 11]),
+                    ConcatDataset([Subset(a, [0, 1, 2]), Subset(a, [3, 4, 5])])):
+        loader = CropDPDataLoader.from_data_loader(
+            DataLoader(dataset, batch_size=3), crop=CROP, private_region=REGION,
+            image_sizes=[SIZE], post_crop_transform=T2.ColorJitter(contrast=0.5))
+        for x, _ in loader:
+            assert x.shape[-2:] == CROP
+    bn = nn.BatchNorm2d(4, affine=False).eval()   # eval mode with running statistics: per sample
+    engine, (gsm, opt, loader) = _private(_BNNet(bn))
+    for xb, yb in loader:
+        opt.zero_grad()
+        per_image_ce()(gsm(xb), yb).backward()
+        opt.step()
+    assert len(engine.accountant) == len(loader)
