@@ -140,14 +140,16 @@ class PrivacyEngine(opacus.PrivacyEngine):
             return super()._prepare_optimizer(
                 optimizer=optimizer, grad_sample_mode=grad_sample_mode, distributed=distributed,
                 clipping=clipping, noise_generator=noise_generator, **kwargs)
-        if distributed or clipping != "flat":
-            raise ValueError(f"grad_sample_mode={grad_sample_mode!r} supports single-process flat "
-                             f"clipping only; use grad_sample_mode='hooks' for "
-                             f"distributed={distributed}, clipping={clipping!r}")
+        optimizer_cls = mode.distributed_optimizer_cls if distributed else mode.optimizer_cls
+        if optimizer_cls is None or clipping != "flat":
+            raise ValueError(f"grad_sample_mode={grad_sample_mode!r} supports flat clipping"
+                             f"{'' if mode.distributed_optimizer_cls else ' in one process'} "
+                             f"only; use grad_sample_mode='hooks' for distributed={distributed}, "
+                             f"clipping={clipping!r}")
         if isinstance(optimizer, opacus.optimizers.DPOptimizer):
             optimizer = optimizer.original_optimizer
-        return mode.optimizer_cls(optimizer=optimizer, generator=noise_generator,
-                                  secure_mode=False, **kwargs)
+        return optimizer_cls(optimizer=optimizer, generator=noise_generator, secure_mode=False,
+                             **kwargs)
 
     # -- the Opacus entry points ----------------------------------------------------------------
     def make_private(self, *, module, optimizer, data_loader, noise_multiplier, max_grad_norm,
