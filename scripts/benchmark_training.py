@@ -104,20 +104,25 @@ def run_iterations(spec, make_model, batch, args, device, warmup, iters):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         trainer = Trainer(spec, make_model, batch, args, device)
+        loss = None
         for _ in range(warmup):
-            trainer.step()
+            loss = trainer.step()
         sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(iters):
             loss = trainer.step()
         sync(device)
-        elapsed = time.perf_counter() - start
-        if not torch.isfinite(loss.detach().float()).all():
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if loss is not None and not torch.isfinite(loss.detach().float()).all():
             raise RuntimeError(f"{spec}: non-finite loss")
         result = {
             "batch": batch,
             "seconds_per_step": elapsed / max(1, iters),
             "img_per_s": batch * iters / elapsed if iters else None,
+            # CPU time of this process (all its threads): on a CPU shared with other jobs it
+            # counts the work of a step, where the wall clock also counts the waiting
+            "cpu_seconds_per_step": cpu / max(1, iters),
+            "img_per_cpu_s": batch * iters / cpu if iters and cpu > 0 else None,
             "peak_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                          if device.type == "cuda" else None),
             "plans": trainer.plan_summary(),
@@ -164,6 +169,20 @@ def largest_batch(spec, make_model, args, device, log):
         else:
             hi = mid
     return lo, probes
+
+
+def add_speed_ratios(results: list, *, cpu: bool) -> None:
+    """Ratios to the non-private row of the same model: ``ratio_to_nonprivate`` (wall clock)
+    and, on a CPU, ``cpu_time_ratio_to_nonprivate`` (process CPU time, robust to other jobs
+    on the machine)."""
+    keys = [("img_per_s", "ratio_to_nonprivate")]
+    if cpu:
+        keys.append(("img_per_cpu_s", "cpu_time_ratio_to_nonprivate"))
+    for key, ratio in keys:
+        base = {(r["arch"], r["norm"]): r.get(key) for r in results if r["mode"] == "nonprivate"}
+        for r in results:
+            ref = base.get((r["arch"], r["norm"]))
+            r[ratio] = r[key] / ref if ref and r.get(key) else None
 
 
 def time_mode(spec, make_model, args, device, log) -> dict:
@@ -379,14 +398,10 @@ def main(argv=None) -> int:
                     log(f"  {spec}")
                     row.update(time_mode(spec, make_model, args, device, log))
                 report["results"].append(row)
+                add_speed_ratios(report["results"], cpu=device.type == "cpu")
                 save()
 
-    # ratios to the non-private row of the same model
-    base = {(r["arch"], r["norm"]): r.get("img_per_s") for r in report["results"]
-            if r["mode"] == "nonprivate"}
-    for r in report["results"]:
-        ref = base.get((r["arch"], r["norm"]))
-        r["ratio_to_nonprivate"] = (r["img_per_s"] / ref) if ref and r.get("img_per_s") else None
+    add_speed_ratios(report["results"], cpu=device.type == "cpu")
     save()
 
     log("")

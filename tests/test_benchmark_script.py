@@ -36,6 +36,8 @@ def test_tiny_run_writes_report_and_markdown(bench, tmp_path, capsys):
     assert rows["bk"]["img_per_s"] > 0 and rows["bk"]["batch"] == 2
     assert rows["bk"]["ratio_to_nonprivate"] == pytest.approx(
         rows["bk"]["img_per_s"] / rows["nonprivate"]["img_per_s"])
+    assert rows["bk"]["cpu_time_ratio_to_nonprivate"] == pytest.approx(
+        rows["bk"]["img_per_cpu_s"] / rows["nonprivate"]["img_per_cpu_s"])
     # one fresh process per mode and batch; the fit and the 80 GB batch are derived from them
     memory = {r["mode"]: r for r in report["memory"]}
     assert set(memory) == {"nonprivate", "bk"}
@@ -57,7 +59,8 @@ def test_tiny_run_writes_report_and_markdown(bench, tmp_path, capsys):
     assert len(table[:table.index("")]) == 2 + 2
     speed = table[:table.index("")]
     assert speed[-1].startswith("| CPU, torch threads 1 | fp32 | deeplabv3plus resnet18 OS8 crop 64 | group | bk | 2 |")
-    assert speed[-1].endswith(f"| {rows['bk']['ratio_to_nonprivate']:.2f}× |")
+    assert speed[-1].endswith(f"| {rows['bk']['ratio_to_nonprivate']:.2f}× "
+                              f"| {rows['bk']['cpu_time_ratio_to_nonprivate']:.2f}× |")
     memory_rows = table[table.index("") + 1:]
     assert memory_rows[0].startswith("| device | model | norm | mode | peak GiB of one step")
     assert memory_rows[0].endswith("| largest batch in 80 GB |")
@@ -76,9 +79,9 @@ def test_markdown_skips_failed_rows_and_names_precision(bench, capsys):
                            "error": "out of memory at every batch tried"}]}
     table = bench.markdown_table([report]).splitlines()
     assert table[2:] == ["| NVIDIA H100 80GB HBM3 | bf16 autocast | pspnet resnet101 OS8 crop 505 "
-                         "| frozen | nonprivate | 32 | 40 | 60.2 | 1.00× |",
+                         "| frozen | nonprivate | 32 | 40 | 60.2 | 1.00× | n/a |",
                          "| NVIDIA H100 80GB HBM3 | bf16 autocast | pspnet resnet101 OS8 crop 505 "
-                         "| frozen | bk | 2 | 0.0545 | n/a | n/a |"]
+                         "| frozen | bk | 2 | 0.0545 | n/a | n/a | n/a |"]
 
 
 def test_frozen_batchnorm_statistics_are_calibrated(bench):

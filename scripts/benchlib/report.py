@@ -11,10 +11,11 @@ def _device(rep) -> str:
 
 def markdown_table(reports) -> str:
     """A Markdown table of measured rows: device, precision, model, mode, physical batch, img/s,
-    peak memory and the ratio to the non-private row of the same model, device and precision."""
+    peak memory and the ratio to the non-private row of the same model, device and precision
+    (wall clock; and, for CPU runs, of process CPU time per image)."""
     lines = ["| device | precision | model | norm | mode | physical batch | img/s | peak GiB "
-             "| ratio to non-private |",
-             "|---|---|---|---|---|---:|---:|---:|---:|"]
+             "| ratio to non-private | ratio, CPU time |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for rep in reports:
         cfg = rep["config"]
         device = _device(rep)
@@ -28,9 +29,10 @@ def markdown_table(reports) -> str:
             peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a"
             ratio = (f"{r['ratio_to_nonprivate']:.2f}×" if r.get("ratio_to_nonprivate")
                      else "n/a")
+            cpu = r.get("cpu_time_ratio_to_nonprivate")
             lines.append(f"| {device} | {precision} | {model.format(r['arch'])} | {r['norm']} "
                          f"| {r['mode']} | {r['batch']} | {r['img_per_s']:.3g} | {peak} "
-                         f"| {ratio} |")
+                         f"| {ratio} | {f'{cpu:.2f}×' if cpu else 'n/a'} |")
     return "\n".join(lines)
 
 
@@ -66,7 +68,7 @@ def summary_lines(report) -> list:
     """The plain-text summary printed at the end of a run."""
     out = []
     header = (f"{'arch':<14}{'norm':<8}{'mode':<34}{'batch':>6}{'img/s':>10}{'peak GiB':>10}"
-              f"{'ratio':>8}")
+              f"{'ratio':>8}{'cpu ratio':>10}")
     out += [header, "-" * len(header)]
     for r in report["results"]:
         if r.get("img_per_s") is None:
@@ -74,8 +76,9 @@ def summary_lines(report) -> list:
             continue
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a"
         ratio = f"{r['ratio_to_nonprivate']:.2f}" if r.get("ratio_to_nonprivate") else "n/a"
+        cpu = r.get("cpu_time_ratio_to_nonprivate")
         out.append(f"{r['arch']:<14}{r['norm']:<8}{r['mode']:<34}{r['batch']:>6}"
-                   f"{r['img_per_s']:>10.2f}{peak:>10}{ratio:>8}")
+                   f"{r['img_per_s']:>10.2f}{peak:>10}{ratio:>8}{f'{cpu:.2f}' if cpu else '':>10}")
     for r in report.get("memory", []):
         if r.get("per_sample_bytes") is None:
             out.append(f"memory {r['arch']}/{r['norm']}/{r['mode']}: {r.get('error', '')[:80]}")
