@@ -241,11 +241,13 @@ class PrivacyEngine(opacus.PrivacyEngine):
         if mode is None:
             return get_optimizer_class(clipping=clipping, distributed=distributed,
                                        grad_sample_mode=grad_sample_mode)
-        if distributed or clipping != "flat":
-            raise ValueError(f"grad_sample_mode={grad_sample_mode!r} supports single-process flat "
-                             f"clipping only; use grad_sample_mode='hooks' for "
-                             f"distributed={distributed}, clipping={clipping!r}")
-        return mode.optimizer_cls
+        optimizer_cls = mode.distributed_optimizer_cls if distributed else mode.optimizer_cls
+        if optimizer_cls is None or clipping != "flat":
+            raise ValueError(f"grad_sample_mode={grad_sample_mode!r} supports flat clipping"
+                             f"{'' if mode.distributed_optimizer_cls else ' in one process'} "
+                             f"only; use grad_sample_mode='hooks' for distributed={distributed}, "
+                             f"clipping={clipping!r}")
+        return optimizer_cls
 
     def _prepare_optimizer(self, *, optimizer, noise_multiplier, max_grad_norm,
                            expected_batch_size, loss_reduction: str = "mean",
