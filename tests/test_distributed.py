@@ -115,7 +115,8 @@ def _bk_worker(rank, world, port, out_dir):
         # 1. no noise, clipping active: the update of the global batch
         torch.manual_seed(0)
         engine, model, opt, loader = _bk_train(DPDDP(TinySegNet()), noise=0.0, C=0.05)
-        result.update(optimizer=type(opt).__name__, steps=len(engine.accountant),
+        result.update(optimizer=[c.__name__ for c in type(opt).__mro__],
+                      steps=len(engine.accountant),
                       history=[list(h) for h in engine.accountant.history],
                       expected_batch_size=opt.expected_batch_size,
                       params=torch.cat([p.detach().flatten() for p in model.parameters()]).tolist())
@@ -159,7 +160,7 @@ def test_bk_two_process_ddp_equals_single_process_and_noises_once(tmp_path):
     init = torch.cat([p.detach().flatten() for p in TinySegNet().parameters()])
     assert (single - init).abs().max() > 1e-3  # the epoch did move the model
     for r in (r0, r1):
-        assert r["optimizer"] == "DistributedBKDPOptimizer"
+        assert "DistributedBKDPOptimizer" in r["optimizer"]  # (with the guard mixed in)
         assert r["expected_batch_size"] == 4
         assert r["steps"] == len(engine.accountant) == 3 and r["noise_steps"] == 3
         assert r["history"] == [list(h) for h in engine.accountant.history]
