@@ -63,6 +63,7 @@ import torch
 from scipy import stats
 
 from patchdp_opacus.plugin.crop import (
+    CroppingDataset,
     choice_modulus,
     fixed_crop_of,
     image_size_of,
@@ -73,12 +74,13 @@ from patchdp_opacus.plugin.crop import (
 )
 from patchdp_opacus.plugin.loader import CropDPDataLoader
 from patchdp_opacus.plugin.resample import FootprintError
-from patchdp_opacus.plugin.sampler import TransformToken
+from patchdp_opacus.plugin.sampler import FixedSizeBatchSampler, TransformToken
 from patchdp_opacus.privacy.geometry import inclusion_probability
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AuditError", "AuditReport", "audit_loader", "clopper_pearson", "inject_raw_image"]
+__all__ = ["AuditError", "AuditReport", "audit_loader", "audit_pipeline", "audit_training_steps",
+           "clopper_pearson", "inject_raw_image"]
 
 
 class AuditError(RuntimeError):
@@ -275,18 +277,21 @@ def _neighbours(raw, region_box: np.ndarray, rng: np.random.Generator):
 
 
 def _neighbour_arrays(arr: np.ndarray, region: np.ndarray, rng, *, channels_last: bool):
+    """A random like ``arr``; inside the region A takes the lower half of the value range and B
+    = A + half: every value differs, all in the same direction, so that statistics of the whole
+    image (a mean, a histogram) move as much as a region of this size can move them."""
+    sel = _spatial_index(region, arr.ndim, channels_last)
     if np.issubdtype(arr.dtype, np.integer):
-        info = np.iinfo(arr.dtype)
-        hi = min(int(info.max), 255)
-        a = rng.integers(0, hi + 1, arr.shape).astype(arr.dtype)
+        half = (min(int(np.iinfo(arr.dtype).max), 255) + 1) // 2
+        a = rng.integers(0, 2 * half, arr.shape).astype(arr.dtype)
+        a[sel] = a[sel] % half
         b = a.copy()
-        sel = _spatial_index(region, arr.ndim, channels_last)
-        b[sel] = ((a[sel].astype(np.int64) + (hi + 1) // 2 + 1) % (hi + 1)).astype(arr.dtype)
+        b[sel] = a[sel] + half
     else:
         a = rng.random(arr.shape).astype(arr.dtype)
+        a[sel] = a[sel] / 2
         b = a.copy()
-        sel = _spatial_index(region, arr.ndim, channels_last)
-        b[sel] = ((a[sel] + 0.5) % 1.0).astype(arr.dtype)
+        b[sel] = a[sel] + 0.5
     return a, b
 
 
@@ -425,22 +430,21 @@ def _binned_chisquare(groups) -> tuple[float, int]:
     return stat, dof
 
 
-def _origin_uniformity(loader: CropDPDataLoader, size, draws: int) -> dict:
+def _origin_uniformity(sampler, spec, size, draws: int) -> dict:
     """Chi-square p-values of the parameters the loader's own sampler draws (a copy of it, its
     state untouched): ``choice`` over the transform's choices (when there are several), ``y``
     and ``x`` the origins per axis, pooled over choices."""
-    sampler = loader.batch_sampler
     probe = copy.copy(sampler)  # the loader's own sampler class and moduli, its state untouched
     if sampler.generator is not None:
         probe.generator = torch.Generator()
         probe.generator.set_state(sampler.generator.get_state())
-    plans = loader.spec.transform.plans(size)
+    plans = spec.transform.plans(size)
     choices = np.zeros(len(plans), dtype=np.int64)
     axes = [[np.zeros(p[a].num_origins, dtype=np.int64) for p in plans] for a in (0, 1)]
     for _ in range(max(1, draws // sampler.global_batch_size)):
         for token in probe.draw_global_batch():
             draws_ = token.draws if isinstance(token, TransformToken) else tuple(token)[1:]
-            g, i, j = token_theta(loader.spec.crop, size, draws_)
+            g, i, j = token_theta(spec.crop, size, draws_)
             choices[g] += 1
             axes[0][g][i] += 1
             axes[1][g][j] += 1
@@ -480,8 +484,31 @@ def audit_loader(loader: CropDPDataLoader, *, trials: int = 2000, confidence: fl
     """
     if not isinstance(loader, CropDPDataLoader):
         raise AuditError(f"audit_loader needs a CropDPDataLoader, got {type(loader).__name__}")
-    cropping = loader.dataset
-    dataset, spec = cropping.dataset, loader.spec
+    return _audit(loader.dataset, loader.collate_fn, loader.batch_sampler, trials=trials,
+                  confidence=confidence, index=index, batch=batch, seed=seed, inject=inject,
+                  origin_draws=origin_draws, mirrors=mirrors)
+
+
+def audit_pipeline(dataset, spec, *, post_crop_transform=None, collate_fn=None,
+                   batch_size: int = 4, **kwargs) -> AuditReport:
+    """The audit of :func:`audit_loader` for a pipeline that no loader was (or could be) built
+    from -- e.g. one the transform inspection refuses, to see what the refusal is about.  The
+    dataset is cropped by the loader's own cropping code and origins are drawn by a fresh
+    OS-seeded sampler of the loader's class; nothing is inspected, and a loader built from the
+    same pipeline would still be refused.  ``kwargs`` as :func:`audit_loader`."""
+    from torch.utils.data import default_collate
+
+    cropping = CroppingDataset(dataset, spec, post_crop_transform=post_crop_transform)
+    sampler = FixedSizeBatchSampler(len(dataset), min(batch_size, len(dataset)),
+                                    origin_moduli=token_moduli(spec.crop, spec.image_sizes),
+                                    choice_modulus=choice_modulus(spec.crop, spec.image_sizes))
+    return _audit(cropping, collate_fn or default_collate, sampler, **kwargs)
+
+
+def _audit(cropping, collate, sampler, *, trials: int = 2000, confidence: float = 0.999,
+           index: int = 0, batch: int = 4, seed: int = 0, inject=None,
+           origin_draws: int = 5000, mirrors: bool = True) -> AuditReport:
+    dataset, spec = cropping.dataset, cropping.spec
     transform = spec.transform
     inject = inject or inject_raw_image
     rng = np.random.default_rng(seed)
@@ -523,7 +550,6 @@ def audit_loader(loader: CropDPDataLoader, *, trials: int = 2000, confidence: fl
         return None if spec.augmentation is None else draw_rng.randrange(2**62)
 
     others = [i for i in range(len(dataset)) if i != index][:max(batch - 1, 0)]
-    collate = loader.collate_fn
     differing = outside = leaks = footprint_errors = 0
     img_a, img_b = _neighbours(raw, region_raw, rng)
     for t in range(trials):
@@ -558,7 +584,42 @@ def audit_loader(loader: CropDPDataLoader, *, trials: int = 2000, confidence: fl
         trials=trials, differing=differing, claimed_p=spec.inclusion_probability,
         p_at_audited_size=p_at_size, ci_low=low, ci_high=high, confidence=confidence,
         outside=outside, leaks_to_other_samples=leaks,
-        origin_uniformity=_origin_uniformity(loader, size, origin_draws), image_size=size,
+        origin_uniformity=_origin_uniformity(sampler, spec, size, origin_draws), image_size=size,
         placement=tuple(placement), notes=notes, footprint_errors=footprint_errors)
     logger.info("audit: %s", report.as_dict())
     return report
+
+
+def audit_training_steps(engine, model, optimizer, loader, loss_fn: Callable, *,
+                         steps: int = 3, max_physical_batch_size: Optional[int] = None) -> dict:
+    """Train ``steps`` logical steps the way the README's loop does (``BatchMemoryManager``
+    when ``max_physical_batch_size`` is given) and compare what the loader drew with what the
+    accountant charged: ``logical_batches`` drawn by the sampler, ``noisy_steps`` (optimizer
+    steps that were not skipped), ``accountant_steps``.  ``loss_fn(model, batch)`` returns the
+    loss of one physical batch.  ``passed`` when all three agree."""
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    sampler = loader.batch_sampler
+    first_id, before = sampler.last_batch_id, len(engine.accountant)
+    noisy = 0
+    model.train()
+    for _ in range(steps):  # passes over the loader (an epoch may be shorter than `steps`)
+        context = (BatchMemoryManager(data_loader=loader, optimizer=optimizer,
+                                      max_physical_batch_size=max_physical_batch_size)
+                   if max_physical_batch_size else contextlib.nullcontext(loader))
+        with context as batches:
+            for batch in batches:
+                optimizer.zero_grad()
+                loss_fn(model, batch).backward()
+                optimizer.step()
+                noisy += not optimizer._is_last_step_skipped
+                if noisy >= steps:
+                    break
+        if noisy >= steps:
+            break
+    drawn = sampler.last_batch_id - first_id
+    result = {"logical_batches": drawn, "noisy_steps": noisy,
+              "accountant_steps": len(engine.accountant) - before}
+    result["passed"] = drawn >= noisy == result["accountant_steps"] == steps
+    return result
+

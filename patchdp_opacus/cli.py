@@ -25,6 +25,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 COMMAND_MODULES = (
     "patchdp_opacus.commands.privacy",
     "patchdp_opacus.commands.training",
+    "patchdp_opacus.commands.audit",
     "patchdp_opacus.reproduce.cli",
 )
 

@@ -21,6 +21,17 @@ batch, which is also the logical batch here. Prints a table (img/s, peak memory,
 ratio to non-private of the same model) and writes JSON (``--out``) after every measurement, so
 a run cut short keeps what it measured.
 
+``--memory-batches 1,2`` first measures the peak memory of one step of every mode at each of
+these batches, each in a fresh process (peak resident set on CPU, ``max_memory_allocated`` on
+CUDA; ``benchlib/memory.py``), and fits memory per sample and the fixed part, with the largest
+physical batch in ``--memory-budget-gb`` (80) GB: the batch a GPU could take, measured without
+one. ``--iters 0`` measures memory only.
+
+Layout: this file holds the command line and the timing loop; ``benchlib/modes.py`` the models
+and the :class:`Trainer` of each mode, ``benchlib/checks.py`` the bk-vs-hooks check and the
+per-layer bench, ``benchlib/memory.py`` the memory measurement, ``benchlib/report.py`` the
+tables.
+
     # H100, the paper's grid (about 2-4 min per model/norm pair; split with --archs/--norms)
     python scripts/benchmark_training.py --out bench.json
     python scripts/benchmark_training.py --archs deeplabv3plus --norms group \\
@@ -29,6 +40,9 @@ a run cut short keeps what it measured.
     python scripts/benchmark_training.py --modes '' --layer-bench 8
     # CPU smoke test (ResNet-18 encoder, crop 64, batch 2)
     python scripts/benchmark_training.py --device cpu --tiny
+    # CPU at the paper's crop: throughput at batch 2, and memory per sample from batches 1 and 2
+    python scripts/benchmark_training.py --device cpu --threads 2 --batch 2 --warmup 1 \\
+        --iters 2 --memory-batches 1,2
     # the README table from saved reports
     python scripts/benchmark_training.py --markdown deeplab.json pspnet.json
 
@@ -49,209 +63,38 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import copy  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/benchlib, also when imported
+
+from benchlib.checks import check_against_hooks, layer_bench  # noqa: E402
+from benchlib.memory import add_ratios as add_memory_ratios  # noqa: E402
+from benchlib.memory import measure_memory  # noqa: E402
+from benchlib.modes import (  # noqa: E402,F401  (re-exported for tests and notebooks)
+    Trainer,
+    calibrate_frozen_bn,
+    free,
+    is_oom,
+    model_builder,
+    parse_mode,
+    sync,
+)
+from benchlib.report import markdown_table, memory_table, summary_lines  # noqa: E402
 
 logger = logging.getLogger("benchmark_training")
 
 DEFAULT_MODES = "nonprivate,hooks,ghost,bk"
-OOM_MARKERS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
-               "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
-
-
-# -- models ---------------------------------------------------------------------------------------
-
-def model_builder(arch: str, encoder: str, output_stride: int, norm: str, num_classes: int):
-    """Return a zero-argument function building a fresh Opacus-compatible model (CPU, train mode)
-    with ``patchdp_opacus.segmentation.models.build_model``.
-
-    With ``norm="frozen"`` and random weights, frozen BatchNorms would be identity maps and the
-    activations of a ResNet-101 grow by orders of magnitude until a plain SGD step diverges (a
-    non-finite loss). Pretrained statistics normalise; here each frozen BatchNorm gets the
-    per-channel mean and variance of its input on one random batch (:func:`calibrate_frozen_bn`,
-    computed once, copied into every build). The cost of a step is the same either way."""
-    from patchdp_opacus.segmentation.models import build_model
-
-    stats = {}
-
-    def make():
-        net = build_model(arch, encoder_name=encoder, encoder_weights=None,
-                          num_classes=num_classes, output_stride=output_stride, norm=norm)
-        if norm == "frozen":
-            if not stats:
-                stats.update(calibrate_frozen_bn(net))
-            buffers = dict(net.named_buffers())
-            with torch.no_grad():
-                for name, value in stats.items():
-                    buffers[name].copy_(value)
-        return net
-
-    return make
-
-
-def calibrate_frozen_bn(net: nn.Module, crop: int = 129, batch: int = 2, seed: int = 0) -> dict:
-    """Set every frozen BatchNorm's running mean/variance to those of its input on one random
-    batch (pixels uniform in [0, 255], one forward pass in eval mode, in layer order, so each
-    layer sees inputs already normalised by the layers before it); return the new buffers by
-    name."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    def set_stats(module, inputs):
-        x = inputs[0].transpose(0, 1).flatten(1)  # (C, N*H*W)
-        module.running_mean.copy_(x.mean(1))
-        module.running_var.copy_(x.var(1, unbiased=False))
-
-    norms = {name: m for name, m in net.named_modules() if isinstance(m, _BatchNorm)}
-    handles = [m.register_forward_pre_hook(set_stats) for m in norms.values()]
-    gen = torch.Generator().manual_seed(seed)
-    was_training = net.training
-    net.eval()  # dropout off: deterministic, and no draws from the global RNG
-    try:
-        with torch.no_grad():
-            net(torch.rand(batch, 3, crop, crop, generator=gen) * 255)
-    finally:
-        net.train(was_training)
-        for h in handles:
-            h.remove()
-    return {f"{name}.{buf}": getattr(m, buf).clone() for name, m in norms.items()
-            for buf in ("running_mean", "running_var")}
-
-
-def per_image_loss():
-    from patchdp_opacus.segmentation.losses import PerImageCrossEntropy
-    return PerImageCrossEntropy(reduction="mean")
-
-
-# -- one mode -------------------------------------------------------------------------------------
-
-def parse_mode(spec: str):
-    """``"bk:storage=recompute,conv_backend=unfold"`` -> ("bk", {"storage": "recompute", ...})."""
-    kind, _, rest = spec.partition(":")
-    if kind not in ("nonprivate", "hooks", "ghost", "bk"):
-        raise ValueError(f"unknown mode {spec!r}")
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        if value.lower() in ("true", "false"):
-            options[key] = value.lower() == "true"
-        elif value.isdigit():
-            options[key] = int(value)
-        else:
-            options[key] = value
-    if options and kind != "bk":
-        raise ValueError(f"options are only for bk modes: {spec!r}")
-    return kind, options
-
-
-class Trainer:
-    """A model + optimizer + loss for one mode, and ``step()`` = forward, backward, DP step."""
-
-    def __init__(self, spec, make_model, batch, args, device, *, noise=None, channels_last=None,
-                 model=None):
-        from opacus import GradSampleModule
-        from opacus.grad_sample import GradSampleModuleFastGradientClipping
-        from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
-
-        from patchdp_opacus.fast import FAST_MODES
-
-        self.kind, options = parse_mode(spec)
-        channels_last = args.channels_last if channels_last is None else channels_last
-        z = args.noise_multiplier if noise is None else noise
-        C = args.max_grad_norm
-        model = (make_model() if model is None else model).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        criterion = per_image_loss().to(device)
-        self.loss_fn = criterion
-        if self.kind == "nonprivate":
-            self.net = model
-        elif self.kind == "hooks":
-            self.net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        elif self.kind == "ghost":
-            self.net = GradSampleModuleFastGradientClipping(
-                model, batch_first=True, loss_reduction="mean", max_grad_norm=C,
-                use_ghost_clipping=True)
-        else:
-            self.net = FAST_MODES["bk"].wrap_model(model, batch_first=True, loss_reduction="mean",
-                                                   max_grad_norm=C, **options)
-        self.params = [p for p in self.net.parameters() if p.requires_grad]
-        self.max_grad_norm = C
-        sgd = torch.optim.SGD(self.params, lr=args.lr, momentum=0.9)
-        dp = dict(noise_multiplier=z, max_grad_norm=C, expected_batch_size=batch,
-                  loss_reduction="mean")
-        if self.kind == "nonprivate":
-            self.opt = sgd
-        elif self.kind == "hooks":
-            self.opt = DPOptimizer(sgd, **dp)
-        elif self.kind == "ghost":
-            self.opt = DPOptimizerFastGradientClipping(sgd, **dp)
-            self.loss_fn = DPLossFastGradientClipping(self.net, self.opt, criterion, "mean")
-        else:
-            self.opt = FAST_MODES["bk"].optimizer_cls(sgd, **dp)
-        gen = torch.Generator(device="cpu").manual_seed(args.seed)
-        shape = (batch, 3, args.crop, args.crop)
-        self.x = (torch.rand(shape, generator=gen) * 255).to(device)
-        if channels_last:
-            self.x = self.x.contiguous(memory_format=torch.channels_last)
-        self.y = torch.randint(0, args.num_classes, (batch, args.crop, args.crop),
-                               generator=gen).to(device)
-        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 \
-            else contextlib.nullcontext
-
-    def step(self, apply: bool = True):
-        with self.autocast():
-            out = self.net(self.x)
-            loss = self.loss_fn(out, self.y)
-        loss.backward()
-        if apply:
-            if self.kind == "nonprivate":
-                # the batch gradient's norm clipped to C (one fused norm; well under 1% of a
-                # step): random-weight frozen-BatchNorm ResNets have gradient norms ~1e4 and
-                # diverge in one plain SGD step
-                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        return loss
-
-    def plan_summary(self):
-        if self.kind != "bk":
-            return None
-        counts = {}
-        for plan in self.net.layer_plans().values():
-            key = f"{plan.norm}/{plan.storage}"
-            counts[key] = counts.get(key, 0) + 1
-        return counts
 
 
 # -- measurement ----------------------------------------------------------------------------------
-
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in OOM_MARKERS)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
 
 def run_iterations(spec, make_model, batch, args, device, warmup, iters):
     """Build a fresh trainer, run ``warmup`` then ``iters`` timed steps. Returns a dict, or None
@@ -261,20 +104,25 @@ def run_iterations(spec, make_model, batch, args, device, warmup, iters):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         trainer = Trainer(spec, make_model, batch, args, device)
+        loss = None
         for _ in range(warmup):
-            trainer.step()
+            loss = trainer.step()
         sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(iters):
             loss = trainer.step()
         sync(device)
-        elapsed = time.perf_counter() - start
-        if not torch.isfinite(loss.detach().float()).all():
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if loss is not None and not torch.isfinite(loss.detach().float()).all():
             raise RuntimeError(f"{spec}: non-finite loss")
         result = {
             "batch": batch,
             "seconds_per_step": elapsed / max(1, iters),
             "img_per_s": batch * iters / elapsed if iters else None,
+            # CPU time of this process (all its threads): on a CPU shared with other jobs it
+            # counts the work of a step, where the wall clock also counts the waiting
+            "cpu_seconds_per_step": cpu / max(1, iters),
+            "img_per_cpu_s": batch * iters / cpu if iters and cpu > 0 else None,
             "peak_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                          if device.type == "cuda" else None),
             "plans": trainer.plan_summary(),
@@ -323,166 +171,51 @@ def largest_batch(spec, make_model, args, device, log):
     return lo, probes
 
 
-def check_against_hooks(make_model, args, device, log):
-    """Max relative error of bk's clipped gradient (z = 0) against Opacus hooks on one small
-    batch of the real model (NCHW for hooks; dropout off; same weights and data)."""
-    torch.manual_seed(args.seed)
-    base = make_model()
-    for m in base.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.p = 0.0
-    grads, norms = {}, {}
-    for spec, cl in (("hooks", False), ("bk", args.channels_last)):
-        tr = Trainer(spec, None, args.check_batch, args, device, noise=0.0, channels_last=cl,
-                     model=copy.deepcopy(base))
-        tr.step(apply=False)
-        if spec == "hooks":
-            norms[spec] = torch.stack([p.grad_sample.reshape(args.check_batch, -1).float()
-                                       .norm(dim=1) for p in tr.net.parameters()
-                                       if p.requires_grad], 1).norm(dim=1)
+def add_speed_ratios(results: list, *, cpu: bool) -> None:
+    """Ratios to the non-private row of the same model: ``ratio_to_nonprivate`` (wall clock)
+    and, on a CPU, ``cpu_time_ratio_to_nonprivate`` (process CPU time, robust to other jobs
+    on the machine)."""
+    keys = [("img_per_s", "ratio_to_nonprivate")]
+    if cpu:
+        keys.append(("img_per_cpu_s", "cpu_time_ratio_to_nonprivate"))
+    for key, ratio in keys:
+        base = {(r["arch"], r["norm"]): r.get(key) for r in results if r["mode"] == "nonprivate"}
+        for r in results:
+            ref = base.get((r["arch"], r["norm"]))
+            r[ratio] = r[key] / ref if ref and r.get(key) else None
+
+
+def time_mode(spec, make_model, args, device, log) -> dict:
+    """Throughput of one mode: at each ``--batch`` or at the largest batch that fits."""
+    row = {}
+    try:
+        if args.batches:
+            measured = [run_iterations(spec, make_model, b, args, device, args.warmup, args.iters)
+                        for b in args.batches]
+            ok = [m for m in measured if m is not None]
+            row["oom_batches"] = [b for b, m in zip(args.batches, measured) if m is None]
+            row["all"] = ok
+            best = max(ok, key=lambda m: m["batch"]) if ok else None
         else:
-            norms[spec] = tr.net.per_sample_norms()
-        tr.opt.pre_step()
-        grads[spec] = {n: p.grad.detach().float().clone()
-                       for n, p in tr.net.named_parameters() if p.requires_grad}
-        del tr
-        free(device)
-    worst = max(((grads["bk"][n] - g).norm() / g.norm().clamp_min(1e-30)).item()
-                for n, g in grads["hooks"].items())
-    norm_err = ((norms["bk"] - norms["hooks"]).norm() / norms["hooks"].norm()).item()
-    log(f"    check bk vs hooks: per-sample norm rel err {norm_err:.2e}, worst parameter "
-        f"gradient rel err {worst:.2e} (norms {norms['hooks'].tolist()})")
-    return {"norm_rel_err": norm_err, "grad_rel_err_max": worst,
-            "norms": norms["hooks"].tolist()}
-
-
-# -- per-layer micro-benchmark ---------------------------------------------------------------------
-
-def _timer(device, reps):
-    """Median milliseconds of ``fn()`` over ``reps`` runs after one warm-up run."""
-
-    def run(fn):
-        fn()
-        sync(device)
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize(device)
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-        return sorted(times)[len(times) // 2]
-
-    return run
-
-
-def layer_bench(make_model, args, device, batch, log):
-    """Per trainable Conv2d/GroupNorm of the real model at ``batch`` x crop: time the ordinary
-    weight gradient (what non-private training pays and bk skips) against bk's per-layer work
-    in the backward hook, for each conv backend, and the step-time clipped sum. Shapes come
-    from one no-grad forward; tensors are random."""
-    from torch.nn.grad import conv2d_weight
-
-    from patchdp_opacus.fast.layers import BKOptions, ConvRule, GroupNormRule, _weighted_sum
-
-    model = make_model().to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    seen = {}
-
-    def hook(module, inputs, output):
-        key = (id(module), tuple(inputs[0].shape), tuple(output.shape))
-        seen.setdefault(key, [module, inputs[0].shape, output.shape, 0])[3] += 1
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.GroupNorm)) and m.weight is not None
-               and m.weight.requires_grad]
-    x = torch.rand(1, 3, args.crop, args.crop, device=device) * 255
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    timer = _timer(device, args.layer_reps)
-    groups = {}
-    for module, in_shape, out_shape, count in seen.values():
-        if isinstance(module, nn.Conv2d):
-            cfg = ("conv", module.in_channels, module.out_channels, module.kernel_size,
-                   module.stride, module.dilation, module.groups, tuple(in_shape[2:]),
-                   tuple(out_shape[2:]))
+            batch, probes = largest_batch(spec, make_model, args, device, log)
+            row["probes"] = {str(k): v for k, v in sorted(probes.items())}
+            best = run_iterations(spec, make_model, batch, args, device, args.warmup,
+                                  args.iters) if batch else None
+        if best is None:
+            row["error"] = "out of memory at every batch tried"
         else:
-            cfg = ("gn", module.num_channels, module.num_groups, tuple(in_shape[2:]))
-        groups.setdefault(cfg, [module, in_shape, out_shape, 0])[3] += count
-    rows, totals = [], {}
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    for cfg, (module, in_shape, out_shape, count) in sorted(groups.items(), key=str):
-        act = torch.randn(batch, *in_shape[1:], device=device, dtype=dtype).contiguous(
-            memory_format=fmt)
-        grad = torch.randn(batch, *out_shape[1:], device=device, dtype=dtype).contiguous(
-            memory_format=fmt)
-        params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-        row = {"layer": str(cfg), "count": count}
-        try:
-            if cfg[0] == "conv":
-                rule = ConvRule()
-                w_shape = module.weight.shape
-                row["wgrad_ms"] = timer(lambda: conv2d_weight(
-                    act, w_shape, grad, module.stride, module.padding, module.dilation,
-                    module.groups))
-                for backend in ("grouped", "unfold", "loop"):
-                    opts = BKOptions(conv_backend=backend)
-                    plan, _, kept, _ = rule.backward(module, act, grad, params, opts)
-                    row["plan"] = f"{plan.norm}/{plan.storage} T={plan.positions}"
-                    row[f"bk_{backend}_ms"] = timer(
-                        lambda: rule.backward(module, act, grad, params, opts))
-                w = torch.rand(batch, device=device)
-                if plan.storage == "keep":
-                    row["step_ms"] = timer(lambda: [_weighted_sum(w, t, torch.float32)
-                                                    for t in kept.values()])
-                else:
-                    row["step_ms"] = timer(lambda: rule.recompute(module, act, grad, w,
-                                                                   torch.float32))
-
-            else:
-                rule = GroupNormRule()
-                opts = BKOptions()
-                row["plan"] = "direct/keep"
-                row["bk_grouped_ms"] = row["bk_unfold_ms"] = row["bk_loop_ms"] = timer(
-                    lambda: rule.backward(module, act, grad, params, opts))
-                row["wgrad_ms"] = timer(lambda: torch.ops.aten.native_group_norm_backward(
-                    grad, act, *_gn_stats(act, module), module.weight, act.shape[0],
-                    act.shape[1], act[0, 0].numel(), module.num_groups, (False, True, True)))
-                row["step_ms"] = 0.0
-        except Exception as exc:  # noqa: BLE001 - OOM or an unsupported shape: report, go on
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-            free(device)
-        for key in ("wgrad_ms", "bk_grouped_ms", "bk_unfold_ms", "bk_loop_ms", "step_ms"):
-            if key in row:
-                totals[key] = totals.get(key, 0.0) + row[key] * count
-        rows.append(row)
-        act = grad = kept = None  # free before the next layer
+            row.update(best)
+    except Exception as exc:  # noqa: BLE001 - keep benchmarking other modes
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        row["traceback"] = traceback.format_exc(limit=6)
         free(device)
-    rows.sort(key=lambda r: -r.get("bk_grouped_ms", 0) * r["count"])
-    log(f"  layer bench, batch {batch}: totals per step (ms): "
-        + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in totals.items()))
-    for r in rows[: args.layer_top]:
-        log("    " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in r.items()))
-    return {"batch": batch, "totals_ms": totals, "layers": rows}
-
-
-def _gn_stats(act, module):
-    """(mean, rstd) of GroupNorm, shapes (N, G), for native_group_norm_backward."""
-    n = act.shape[0]
-    var, mean = torch.var_mean(act.float().reshape(n, module.num_groups, -1), dim=-1,
-                               correction=0)
-    return mean.to(act.dtype), (var + module.eps).rsqrt().to(act.dtype)
+    if "img_per_s" in row:
+        log(f"    batch {row['batch']}: {row['img_per_s']:.2f} img/s"
+            + (f", peak {row['peak_gib']:.1f} GiB" if row.get("peak_gib") else "")
+            + (f", plans {row['plans']}" if row.get("plans") else ""))
+    else:
+        log(f"    {row['error']}")
+    return row
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -541,6 +274,13 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--memory-batches", default=None, metavar="B1,B2",
+                   help="peak memory of one step per mode at these physical batches, each in a "
+                        "fresh process (benchlib/memory.py), before the timings; --iters 0 for "
+                        "memory only")
+    p.add_argument("--memory-budget-gb", type=float, default=80.0,
+                   help="report the largest physical batch whose fitted peak fits this many GB "
+                        "(10^9 bytes)")
     p.add_argument("--check", action="store_true",
                    help="compare bk with Opacus hooks (z=0) on --check-batch images first")
     p.add_argument("--check-batch", type=int, default=2)
@@ -566,32 +306,10 @@ def parse_args(argv=None):
     # '+' joins bk options inside one comma-separated mode list entry
     args.mode_list = [m.replace("+", ",") for m in args.modes.split(",") if m]
     args.batches = [int(b) for b in args.batch.split(",")] if args.batch else None
+    args.memory_batches = ([int(b) for b in args.memory_batches.split(",")]
+                           if args.memory_batches else None)
     return args
 
-
-def markdown_table(reports) -> str:
-    """A Markdown table of measured rows: device, precision, model, mode, physical batch, img/s,
-    peak memory and the ratio to the non-private row of the same model, device and precision."""
-    lines = ["| device | precision | model | norm | mode | physical batch | img/s | peak GiB "
-             "| ratio to non-private |",
-             "|---|---|---|---|---|---:|---:|---:|---:|"]
-    for rep in reports:
-        cfg, env = rep["config"], rep["env"]
-        device = env.get("gpu") or f"CPU, torch threads {env['threads']}"
-        precision = "bf16 autocast" if cfg.get("bf16") else "fp32"
-        if cfg.get("channels_last"):
-            precision += ", channels_last"
-        model = f"{{}} {cfg['encoder']} OS{cfg['output_stride']} crop {cfg['crop']}"
-        for r in rep["results"]:
-            if r.get("img_per_s") is None:
-                continue
-            peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a"
-            ratio = (f"{r['ratio_to_nonprivate']:.2f}×" if r.get("ratio_to_nonprivate")
-                     else "n/a")
-            lines.append(f"| {device} | {precision} | {model.format(r['arch'])} | {r['norm']} "
-                         f"| {r['mode']} | {r['batch']} | {r['img_per_s']:.3g} | {peak} "
-                         f"| {ratio} |")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -602,6 +320,9 @@ def main(argv=None) -> int:
             with open(path) as fh:
                 reports.append(json.load(fh))
         print(markdown_table(reports))
+        if any(rep.get("memory") for rep in reports):
+            print()
+            print(memory_table(reports))
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # build_model warns on every build that frozen BatchNorms without pretrained weights are
@@ -625,7 +346,7 @@ def main(argv=None) -> int:
                        "for channels_last activations; their timings are still reported")
 
     report = {"config": {k: v for k, v in vars(args).items()}, "env": environment(device),
-              "results": [], "checks": [], "layer_bench": []}
+              "results": [], "checks": [], "layer_bench": [], "memory": []}
     started = time.perf_counter()
 
     def log(msg):
@@ -661,70 +382,31 @@ def main(argv=None) -> int:
             if args.check:
                 record("checks", "check",
                        lambda: check_against_hooks(make_model, args, device, log))
+            if args.memory_batches:
+                for spec in args.mode_list:
+                    log(f"  {spec}: memory of one step, one process per batch")
+                    report["memory"].append(measure_memory(spec, arch, norm, args, log))
+                    add_memory_ratios(report["memory"])
+                    save()
             for spec in args.mode_list:
+                if args.iters == 0:
+                    break
                 row = {"arch": arch, "norm": norm, "mode": spec}
                 if args.time_limit and time.perf_counter() - started > args.time_limit:
                     row["error"] = "skipped: --time-limit reached"
-                    report["results"].append(row)
-                    continue
-                log(f"  {spec}")
-                try:
-                    if args.batches:
-                        measured = [run_iterations(spec, make_model, b, args, device,
-                                                   args.warmup, args.iters)
-                                    for b in args.batches]
-                        ok = [m for m in measured if m is not None]
-                        row["oom_batches"] = [b for b, m in zip(args.batches, measured) if m is None]
-                        row["all"] = ok
-                        best = max(ok, key=lambda m: m["batch"]) if ok else None
-                    else:
-                        batch, probes = largest_batch(spec, make_model, args, device, log)
-                        row["probes"] = {str(k): v for k, v in sorted(probes.items())}
-                        best = run_iterations(spec, make_model, batch, args, device, args.warmup,
-                                              args.iters) if batch else None
-                    if best is None:
-                        row["error"] = "out of memory at every batch tried"
-                    else:
-                        row.update(best)
-                except Exception as exc:  # noqa: BLE001 - keep benchmarking other modes
-                    row["error"] = f"{type(exc).__name__}: {exc}"
-                    row["traceback"] = traceback.format_exc(limit=6)
-                    free(device)
-                if "img_per_s" in row:
-                    log(f"    batch {row['batch']}: {row['img_per_s']:.2f} img/s"
-                        + (f", peak {row['peak_gib']:.1f} GiB" if row.get("peak_gib") else "")
-                        + (f", plans {row['plans']}" if row.get("plans") else ""))
                 else:
-                    log(f"    {row['error']}")
+                    log(f"  {spec}")
+                    row.update(time_mode(spec, make_model, args, device, log))
                 report["results"].append(row)
+                add_speed_ratios(report["results"], cpu=device.type == "cpu")
                 save()
 
-    # ratios to the non-private row of the same model
-    base = {(r["arch"], r["norm"]): r.get("img_per_s") for r in report["results"]
-            if r["mode"] == "nonprivate"}
-    for r in report["results"]:
-        ref = base.get((r["arch"], r["norm"]))
-        r["ratio_to_nonprivate"] = (r["img_per_s"] / ref) if ref and r.get("img_per_s") else None
+    add_speed_ratios(report["results"], cpu=device.type == "cpu")
     save()
 
     log("")
-    header = f"{'arch':<14}{'norm':<8}{'mode':<34}{'batch':>6}{'img/s':>10}{'peak GiB':>10}{'ratio':>8}"
-    log(header)
-    log("-" * len(header))
-    for r in report["results"]:
-        if r.get("img_per_s") is None:
-            log(f"{r['arch']:<14}{r['norm']:<8}{r['mode']:<34}  {r.get('error', '')[:60]}")
-            continue
-        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a"
-        ratio = f"{r['ratio_to_nonprivate']:.2f}" if r["ratio_to_nonprivate"] else "n/a"
-        log(f"{r['arch']:<14}{r['norm']:<8}{r['mode']:<34}{r['batch']:>6}{r['img_per_s']:>10.2f}"
-            f"{peak:>10}{ratio:>8}")
-    for c in report["checks"]:
-        if "error" in c:
-            log(f"check {c['arch']}/{c['norm']}: {c['error']}")
-        else:
-            log(f"check {c['arch']}/{c['norm']}: bk vs Opacus hooks, norms rel err "
-                f"{c['norm_rel_err']:.1e}, clipped-gradient rel err {c['grad_rel_err_max']:.1e}")
+    for line in summary_lines(report):
+        log(line)
     failed = [r for r in report["results"] if r.get("error") and "skipped" not in r["error"]
               and "out of memory" not in r["error"]]
     return 1 if failed else 0

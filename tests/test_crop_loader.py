@@ -346,14 +346,21 @@ def test_from_data_loader_keeps_settings_and_finds_sizes(caplog):
         PatchPrivacySpec(b.crop, (1, 1), [s]).inclusion_probability for s in b.image_sizes)
 
 
-def test_from_data_loader_generator_reproducible():
-    g1, g2 = torch.Generator(), torch.Generator()
-    g1.manual_seed(4)
-    g2.manual_seed(4)
-    make = lambda g: CropDPDataLoader.from_data_loader(  # noqa: E731
-        DataLoader(DeclaredDataset([(6, 7)], 10), batch_size=3, generator=g), crop=4,
-        private_region=1)
-    assert same(collect(make(g1)), collect(make(g2)))
+def test_from_data_loader_generator_reproducible_only_when_given():
+    """The user's DataLoader generator (usually seeded for shuffling) is not inherited: the
+    secret draws come from OS entropy, with a warning; a generator given explicitly is used."""
+    def make(loader_generator=None, generator=None):
+        return CropDPDataLoader.from_data_loader(
+            DataLoader(DeclaredDataset([(6, 7)], 10), batch_size=3, generator=loader_generator),
+            crop=4, private_region=1, generator=generator)
+
+    with pytest.warns(UserWarning, match="generator is not used"):
+        a = collect(make(torch.Generator().manual_seed(4)))
+    with pytest.warns(UserWarning, match="generator is not used"):
+        b = collect(make(torch.Generator().manual_seed(4)))
+    assert not same(a, b)
+    assert same(collect(make(generator=torch.Generator().manual_seed(4))),
+                collect(make(generator=torch.Generator().manual_seed(4))))
 
 
 class TinyImages(Dataset):

@@ -75,32 +75,44 @@ def test_make_private_with_epsilon_without_geometry_is_opacus():
 
 
 def test_one_engine_two_calls_modes_do_not_leak():
-    engine = PrivacyEngine()
-    model = TinySegNet()
-    model, opt, loader = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+    """An engine keeps the mode of its first make_private: its optimizer steps this engine's
+    accountant, which composes one relation; a model in the other mode needs another engine."""
+    patch_engine = PrivacyEngine()
+    seg = TinySegNet()
+    model, opt, loader = patch_engine.make_private(
+        module=seg, optimizer=torch.optim.SGD(seg.parameters(), lr=0.1),
         data_loader=plain_loader(), criterion=per_image_ce(), noise_multiplier=1.0,
         max_grad_norm=1.0, **GEOMETRY)
-    assert isinstance(engine.accountant, PatchPLDAccountant)
+    assert isinstance(patch_engine.accountant, PatchPLDAccountant)
     assert isinstance(loader, CropDPDataLoader)
-    # no step yet: the same engine may become plain Opacus
     model2, opt2, loader2 = _classification()
-    model2, opt2, dp_loader = engine.make_private(module=model2, optimizer=opt2,
-                                                  data_loader=loader2, noise_multiplier=1.0,
-                                                  max_grad_norm=1.0)
-    assert engine.accountant.mechanism() == "prv" and isinstance(dp_loader, DPDataLoader)
-    assert engine.data_loader is None and engine.target is None
+    with pytest.raises(ValueError, match="already made a model private in the patch-level"):
+        patch_engine.make_private(module=model2, optimizer=opt2, data_loader=loader2,
+                                  noise_multiplier=1.0, max_grad_norm=1.0)
+    assert isinstance(patch_engine.accountant, PatchPLDAccountant)  # untouched
+    # the same geometry again is fine (one accountant, one p); another geometry is not
+    seg2 = TinySegNet()
+    with pytest.raises(ValueError, match="another crop/patch geometry"):
+        patch_engine.make_private(
+            module=seg2, optimizer=torch.optim.SGD(seg2.parameters(), lr=0.1),
+            data_loader=plain_loader(), noise_multiplier=1.0, max_grad_norm=1.0,
+            crop=(4, 4), private_region=(2, 2))
+
+    opacus_engine = PrivacyEngine()
+    model2, opt2, dp_loader = opacus_engine.make_private(
+        module=model2, optimizer=opt2, data_loader=loader2, noise_multiplier=1.0,
+        max_grad_norm=1.0)
+    assert opacus_engine.accountant.mechanism() == "prv" and isinstance(dp_loader, DPDataLoader)
     _train(model2, opt2, dp_loader, epochs=1)
     with pytest.raises(ValueError, match="level='patch' needs a patch-level claim"):
-        engine.get_epsilon(1e-5, level="patch")
-    assert engine.get_epsilon(1e-5) > 0
-    assert "opacus_orientation" not in engine.privacy_report(1e-5)
-    # steps were accounted under add/remove: a patch-level call now must not mix relations
-    seg = TinySegNet()
-    with pytest.raises(ValueError, match="already accounted"):
-        engine.make_private(module=seg, optimizer=torch.optim.SGD(seg.parameters(), lr=0.1),
-                            data_loader=plain_loader(), noise_multiplier=1.0, max_grad_norm=1.0,
-                            **GEOMETRY)
+        opacus_engine.get_epsilon(1e-5, level="patch")
+    assert opacus_engine.get_epsilon(1e-5) > 0
+    assert "opacus_orientation" not in opacus_engine.privacy_report(1e-5)
+    seg3 = TinySegNet()
+    with pytest.raises(ValueError, match="already made a model private in the Opacus"):
+        opacus_engine.make_private(
+            module=seg3, optimizer=torch.optim.SGD(seg3.parameters(), lr=0.1),
+            data_loader=plain_loader(), noise_multiplier=1.0, max_grad_norm=1.0, **GEOMETRY)
 
 
 def test_accountant_choice_per_mode():

@@ -60,9 +60,15 @@ def patchdp_commands(text: str) -> list[list[str]]:
     return commands
 
 
+#: Appended to `patchdp audit`: fewer neighbour pairs on fewer images.
+SHRINK_AUDIT = ["--trials", "100", "--set", "dataset.train.num_samples=16"]
+
+
 def shrink(argv: list[str]) -> list[str]:
     if argv[0] in ("profile", "sweep"):
         return [*argv, *SHRINK_FIGURE]
+    if argv[0] == "audit":
+        return [*argv, *SHRINK_AUDIT]
     if argv[0] != "train":
         return argv
     config = argv[argv.index("--config") + 1]
@@ -75,7 +81,7 @@ def test_readme_blocks_have_no_placeholders():
         assert "…" not in block and "..." not in block and "<" not in block, block
     commands = patchdp_commands(README)
     kinds = {argv[0] for argv in commands}
-    assert kinds >= {"train", "evaluate", "plot", "epsilon", "noise", "profile", "sweep"}
+    assert kinds >= {"train", "evaluate", "plot", "epsilon", "noise", "profile", "sweep", "audit"}
 
 
 def test_readme_patchdp_commands_run(tmp_path, monkeypatch, capsys):

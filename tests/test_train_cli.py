@@ -419,3 +419,32 @@ def test_gaussian_augmentation_segmentation_run_resumes_exactly(tmp_path, capsys
     (point,) = json.loads(capsys.readouterr().out)
     assert point["accounting"] == "gaussian_augmentation" and point["sigma_aug"] == 5000
     assert point["metric"] == "miou" and "miou_mean" in point
+
+
+def test_torchrun_demo_config_trains_with_bk(tmp_path):
+    """The shipped demo (grad_sample_mode: bk) under `torchrun --nproc_per_node=2` (gloo on CPU,
+    two logical steps) runs with the distributed bk optimizer, one accountant step per global
+    step."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    assert yaml.safe_load(open(demo))["training"]["grad_sample_mode"] == "bk"
+    run = tmp_path / "multi"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m",
+                           "patchdp_opacus.cli", "train", "--config", demo, "--output", str(run),
+                           "--quiet", "--max-steps", "2", "--device", "cpu"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = read(run, "final_metrics.json")
+    assert final["steps"] == 2 and final["stopped"].startswith("stopped after max_steps=2")
+    assert 0 < final["epsilon_patch"] < final["epsilon_record"]
+    assert math.isfinite(final["miou"])
+    report = read(run, "privacy_report.json")
+    assert report["batch_size"] == 128 and report["history"][-1][2] == 2
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ckpt["config"]["training"]["grad_sample_mode"] == "bk"

@@ -44,6 +44,8 @@ class DatasetConfig:
     root: Optional[str] = None
     train: dict = field(default_factory=lambda: {"split": "train"})
     val: dict = field(default_factory=lambda: {"split": "val"})
+    # applied to training samples before the loader's crop (segmentation.augment), inspected
+    transforms: list = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +96,8 @@ class PrivacyConfig:
     # loader-owned resampling before/with the crop, e.g. {kind: random_scale_crop,
     # scale_range: [0.5, 2.0], scale_step: 0.25}; see privacy.geometric.geometry_from_config
     transform: Optional[dict] = None
+    # applied by the loader to each crop (segmentation.augment): may read the whole crop
+    post_crop_transforms: list = field(default_factory=list)
     private_region: dict = field(default_factory=lambda: {"shape": "rectangle", "size": [10, 10]})
     max_grad_norm: float = 2.0
     secure_sampling: bool = False
@@ -330,6 +334,17 @@ _pixels, _pixels0 = _int_list(1, 2, "pixels, height and width"), \
 _positive = _number(float, low=0, low_open=True)
 _count = _number(int, low=1)
 
+def _transform_list(value):
+    """A list of ``{tv.Name: {kwargs}}`` / ``{A.Name: {kwargs}}`` items (segmentation.augment);
+    every item is built once here, so a bad name or argument is a config error."""
+    from patchdp_opacus.segmentation.augment import build_transforms
+
+    if value is None:
+        return []
+    build_transforms(value)
+    return list(value)
+
+
 #: dotted key -> check.  A new config key is one row (a key without a row is type-checked
 #: against its default value).
 CHECKS: dict[str, Callable[[Any], Any]] = {
@@ -339,6 +354,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "dataset.root": _optional(_string),
     "dataset.train": _mapping,
     "dataset.val": _mapping,
+    "dataset.transforms": _transform_list,
     "model.arch": _registry("patchdp_opacus.segmentation.models", "ARCHITECTURES",
                             "architecture"),
     "model.encoder_name": _encoder_name,
@@ -363,6 +379,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "privacy.padding": _pixels0,
     "privacy.pad_if_needed": _boolean,
     "privacy.transform": _optional(_mapping),
+    "privacy.post_crop_transforms": _transform_list,
     "privacy.private_region": _private_region,
     "privacy.max_grad_norm": _number(float, low=0, low_open=True, unit="clip norm C"),
     "privacy.sigma_aug": _optional(_number(float, low=0, low_open=True,
@@ -429,6 +446,26 @@ def dataset_registry(task: str) -> dict:
     module = "patchdp_opacus.classification.datasets" if task == "classification" else \
         "patchdp_opacus.segmentation.datasets"
     return importlib.import_module(module).DATASETS
+
+
+def _validation_is_not_training(cfg: "ExperimentConfig"):
+    train = cfg.dataset.train.get("split", "train")
+    if cfg.dataset.val.get("split", "val") == train:
+        raise ConfigError("dataset.val.split", f"the validation split is the training split "
+                          f"({train!r}): its metrics (mIoU or accuracy, per class) and "
+                          f"prediction images would be statistics of the private training data, "
+                          f"released without noise; evaluate on a held-out split")
+
+
+def _augmentations_of_the_task(cfg: "ExperimentConfig"):
+    """The config-built augmentations (segmentation.augment) transform ``(image, mask)``
+    samples; a classifier's samples are ``(image, label)``."""
+    if cfg.task == "classification":
+        for key in ("dataset.transforms", "privacy.post_crop_transforms"):
+            section, _, name = key.partition(".")
+            if getattr(getattr(cfg, section), name):
+                raise ConfigError(key, "not supported for task classification yet (these "
+                                       "augmentations transform (image, mask) samples)")
 
 
 def _dataset_named(cfg: "ExperimentConfig"):
@@ -555,7 +592,7 @@ def evaluation_geometry(privacy: PrivacyConfig):
 
 
 CROSS_CHECKS: list[Callable[["ExperimentConfig"], None]] = [
-    _dataset_named, _one_noise_setting, _augmentation_for_its_claim, _crop_for_a_claim,
+    _validation_is_not_training, _augmentations_of_the_task, _dataset_named, _one_noise_setting, _augmentation_for_its_claim, _crop_for_a_claim,
     _secure_or_reproducible, _dataset_arguments, _same_holdout, _pretrained_channels,
     _loader_geometry_builds]
 

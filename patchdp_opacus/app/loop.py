@@ -58,6 +58,7 @@ from patchdp_opacus.privacy import (
     accounting,
     region_from_dict,
 )
+from patchdp_opacus.segmentation.augment import build_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +115,11 @@ def build_datasets(cfg: ExperimentConfig, task: Optional[Task] = None):
     d = cfg.dataset
     sets = []
     for split in ("train", "val"):
+        extra = {"transform": build_transforms(d.transforms)} if split == "train" \
+            and d.transforms else {}
         try:
             sets.append(task.build_dataset(d.name, d.root, **{"split": split,
-                                                               **getattr(d, split)}))
+                                                               **getattr(d, split), **extra}))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"dataset.{split}", str(exc)) from None
     train_set, val_set = sets
@@ -199,10 +202,22 @@ def _augmentation_seed(cfg: ExperimentConfig) -> Optional[int]:
     return int(np.random.SeedSequence([cfg.training.seed, 2]).generate_state(1)[0])
 
 
-def _sampling_seed(cfg: ExperimentConfig) -> Optional[int]:
-    """The loader's seed: the config seed when sampling is reproducible, else None (batches and
-    crops from OS entropy; with several ranks the loader shares a secret seed from rank 0)."""
-    return cfg.training.seed if cfg.privacy.reproducible_sampling else None
+def loader_arguments(cfg: ExperimentConfig, train_set=None) -> dict:
+    """What ``make_private`` (and ``CropDPDataLoader.from_data_loader``) needs to build the
+    crop-aware loader of ``cfg``: the loader geometry, the private region, the post-crop stage,
+    the sampling seed (the config seed only when sampling is reproducible; else None: batches
+    and crops from OS entropy, shared by rank 0 under torchrun) and, with
+    ``privacy.sigma_aug``, the Gaussian augmentation the loader adds (channels of
+    ``train_set``, 3 without one: the loader checks every image) and its noise seed (from the
+    config seed only with ``reproducible_noise``)."""
+    pcfg = cfg.privacy
+    augmentation = None if pcfg.sigma_aug is None else GaussianAugmentation(
+        pcfg.sigma_aug, getattr(train_set, "channels", 3))
+    return dict(crop=loader_geometry(pcfg), private_region=region_from_dict(pcfg.private_region),
+                post_crop_transform=build_transforms(pcfg.post_crop_transforms),
+                seed=cfg.training.seed if pcfg.reproducible_sampling else None,
+                gaussian_augmentation=augmentation,
+                augmentation_seed=_augmentation_seed(cfg) if augmentation else None)
 
 
 class Progress:
@@ -227,17 +242,11 @@ def _make_private(cfg, model, optimizer, criterion, train_set, device, delta):
     base_loader = DataLoader(train_set, batch_size=t.batch_size, num_workers=t.num_workers,
                              pin_memory=device.type == "cuda")
     engine = PrivacyEngine(secure_mode=pcfg.secure_sampling)
-    augmentation = None if pcfg.sigma_aug is None else GaussianAugmentation(
-        pcfg.sigma_aug, getattr(train_set, "channels", 3))  # the loader checks every image
     common = dict(module=model, optimizer=optimizer, data_loader=base_loader,
                   criterion=criterion, max_grad_norm=pcfg.max_grad_norm,
-                  crop=loader_geometry(pcfg),
-                  private_region=region_from_dict(pcfg.private_region),
-                  seed=_sampling_seed(cfg), grad_sample_mode=t.grad_sample_mode,
+                  grad_sample_mode=t.grad_sample_mode,
                   noise_generator=torch.Generator(device=device).manual_seed(t.seed)
-                  if pcfg.reproducible_noise else None,
-                  gaussian_augmentation=augmentation,
-                  augmentation_seed=_augmentation_seed(cfg) if augmentation else None)
+                  if pcfg.reproducible_noise else None, **loader_arguments(cfg, train_set))
     if t.fast_options:
         common["fast_options"] = dict(t.fast_options)
     if pcfg.noise_multiplier is not None:

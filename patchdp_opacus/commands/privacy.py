@@ -707,8 +707,6 @@ def _sweep_points(args) -> tuple[list, list]:
 
 
 def cmd_sweep(args) -> int:
-    import numpy as np
-
     from patchdp_opacus.commands import _plot
 
     if args.quantity == "scale":

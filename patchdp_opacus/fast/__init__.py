@@ -13,6 +13,7 @@ Integration (what a ``PrivacyEngine`` does with a mode)::
     model = mode.wrap_model(model, batch_first=True, loss_reduction="mean", max_grad_norm=C)
     optimizer = mode.optimizer_cls(optimizer, noise_multiplier=z, max_grad_norm=C,
                                    expected_batch_size=B, loss_reduction="mean")
+    # under DPDDP (several ranks): mode.distributed_optimizer_cls, expected_batch_size = B / W
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
     # user loop, unchanged: loss = criterion(model(x), y); loss.backward(); optimizer.step();
     # optimizer.zero_grad()  -- criterion reduces per-sample losses by mean (or sum)
@@ -21,7 +22,7 @@ Integration (what a ``PrivacyEngine`` does with a mode)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -32,6 +33,7 @@ from patchdp_opacus.fast.layers import (
     UnsupportedLayerError,
     plan_weight,
 )
+from patchdp_opacus.fast.distributed import DistributedBKDPOptimizer
 from patchdp_opacus.fast.module import BKGradSampleModule
 from patchdp_opacus.fast.optimizer import BKDPOptimizer
 
@@ -41,6 +43,7 @@ __all__ = [
     "BKDPOptimizer",
     "BKGradSampleModule",
     "BKOptions",
+    "DistributedBKDPOptimizer",
     "LayerPlan",
     "SUPPORTED_LAYERS",
     "UnsupportedLayerError",
@@ -60,6 +63,9 @@ class FastMode:
         optimizer_cls: a ``DPOptimizer`` subclass with ``DPOptimizer``'s constructor.
         module_cls: the wrapper class ``wrap_model`` returns.
         description: one line for logs and ``--help``.
+        distributed_optimizer_cls: the optimizer class for a model wrapped in Opacus' ``DPDDP``
+            (noise once per global step, as Opacus' ``DistributedDPOptimizer``), or None if the
+            mode is single-process only.
     """
 
     name: str
@@ -67,6 +73,7 @@ class FastMode:
     optimizer_cls: type
     module_cls: type
     description: str
+    distributed_optimizer_cls: Optional[type] = None
 
 
 def wrap_bk(module: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean",
@@ -84,5 +91,6 @@ FAST_MODES: dict[str, FastMode] = {
         module_cls=BKGradSampleModule,
         description="book-keeping clipping: one backward pass, per-layer ghost or instantiated "
                     "per-sample norms, no ordinary weight gradient",
+        distributed_optimizer_cls=DistributedBKDPOptimizer,
     ),
 }

@@ -226,6 +226,12 @@ class BKGradSampleModule(AbstractGradSampleModule):
         if isinstance(m, AbstractGradSampleModule):
             raise ValueError(f"the model is already wrapped by {type(m).__name__}; pass the plain "
                              f"nn.Module")
+        if isinstance(m, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "bk mode never computes the ordinary .grad that torch's DistributedDataParallel "
+                "all-reduces during backward; wrap the model in Opacus' DPDDP "
+                "(opacus.distributed.DifferentiallyPrivateDistributedDataParallel) instead: the "
+                "bk optimizer then all-reduces the clipped, noised gradients")
         if options is not None and option_kwargs:
             raise ValueError("pass either options= or option keywords, not both")
         layers = _discover(m)  # validate before touching the parameters

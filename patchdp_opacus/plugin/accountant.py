@@ -79,10 +79,13 @@ class PatchPLDAccountant(IAccountant):
         return MECHANISM
 
     def set_spec(self, spec: PatchPrivacySpec) -> None:
-        """Attach the geometry; refuses to change it once steps were accounted for."""
-        if self.spec is not None and len(self) > 0 and not self.spec.same_geometry(spec):
-            raise ValueError("the accountant already recorded steps under another crop/patch "
-                             "geometry; use a new PrivacyEngine for a new geometry")
+        """Attach the geometry; refuses to change it (an optimizer attached under the old one
+        keeps stepping this accountant, whose ``p`` would then be the new geometry's)."""
+        if self.spec is not None and not self.spec.same_geometry(spec):
+            raise ValueError("the accountant already holds another crop/patch geometry (an "
+                             "earlier make_private, or a checkpoint); its steps would be "
+                             "accounted with this geometry's p. Use a new PrivacyEngine for a "
+                             "new geometry")
         self.spec = spec
 
     @property

@@ -55,6 +55,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from patchdp_opacus.plugin.accountant import LEVELS, PatchPLDAccountant, amplification
+from patchdp_opacus.plugin.ghost import CheckedDPLoss, pop_clipped_rows
 from patchdp_opacus.plugin.integrity import (
     ModuleIntegrity,
     NoiseSource,
@@ -145,6 +146,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
 
             self.secure_rng = os_seeded_generator()
         self.patch_level = False
+        #: mode of the first make_private (True: patch level); later calls must keep it
+        self.made_private_in: Optional[bool] = None
         self.data_loader: Optional[CropDPDataLoader] = None
         self.max_grad_norm = None
         self.noise_multiplier = None
@@ -175,6 +178,12 @@ class PrivacyEngine(opacus.PrivacyEngine):
                 f"private_region=(k_h, k_w) (or a CropDPDataLoader), or choose an Opacus "
                 f"accountant for record-level accounting")
         is_patch = isinstance(self.accountant, PatchPLDAccountant)
+        if self.made_private_in is not None and self.made_private_in != patch_level:
+            raise ValueError(
+                f"this engine already made a model private in the "
+                f"{'patch-level' if self.made_private_in else 'Opacus record-level'} mode; its "
+                f"optimizer keeps stepping this engine's accountant, which composes one "
+                f"relation. Use a new PrivacyEngine for a model in the other mode")
         if is_patch == wanted_patch:
             self.patch_level = patch_level
             return
@@ -233,11 +242,13 @@ class PrivacyEngine(opacus.PrivacyEngine):
         if mode is None:
             return get_optimizer_class(clipping=clipping, distributed=distributed,
                                        grad_sample_mode=grad_sample_mode)
-        if distributed or clipping != "flat":
-            raise ValueError(f"grad_sample_mode={grad_sample_mode!r} supports single-process flat "
-                             f"clipping only; use grad_sample_mode='hooks' for "
-                             f"distributed={distributed}, clipping={clipping!r}")
-        return mode.optimizer_cls
+        optimizer_cls = mode.distributed_optimizer_cls if distributed else mode.optimizer_cls
+        if optimizer_cls is None or clipping != "flat":
+            raise ValueError(f"grad_sample_mode={grad_sample_mode!r} supports flat clipping"
+                             f"{'' if mode.distributed_optimizer_cls else ' in one process'} "
+                             f"only; use grad_sample_mode='hooks' for distributed={distributed}, "
+                             f"clipping={clipping!r}")
+        return optimizer_cls
 
     def _prepare_optimizer(self, *, optimizer, noise_multiplier, max_grad_norm,
                            expected_batch_size, loss_reduction: str = "mean",
@@ -289,10 +300,13 @@ class PrivacyEngine(opacus.PrivacyEngine):
         if patch_level:
             if poisson_sampling:
                 raise ValueError(_POISSON_REFUSAL)
-            return self._make_private_patch(
+            out = self._make_private_patch(
                 module=module, optimizer=optimizer, data_loader=data_loader,
                 noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                 criterion=criterion, geometry=geometry, **kwargs)
+            self.made_private_in = True
+            return out
+        self.made_private_in = False
         logger.info("record-level DP-SGD with Opacus' '%s' accountant (add/remove of one record, "
                     "Poisson sampling unless poisson_sampling=False); for patch-level "
                     "accounting pass crop=(h, w) and private_region=(k_h, k_w)",
@@ -322,9 +336,18 @@ class PrivacyEngine(opacus.PrivacyEngine):
             raise ValueError("noise_generator= with secure_mode=True: secure mode reseeds the "
                              "noise from the OS at every step; drop one of them")
         model_parameters = set(module.parameters())
-        for group in optimizer.param_groups:
-            if any(p not in model_parameters for p in group["params"]):
-                raise ValueError("Module parameters are different than optimizer Parameters")
+        in_optimizer = {p for group in optimizer.param_groups for p in group["params"]}
+        if in_optimizer - model_parameters:
+            raise ValueError("Module parameters are different than optimizer Parameters")
+        outside = [n for n, p in module.named_parameters()
+                   if p.requires_grad and p not in in_optimizer]
+        if outside:
+            raise ValueError(
+                f"{len(outside)} trainable parameter(s) of the model are not in the DP optimizer "
+                f"(e.g. {outside[:3]}): their ordinary gradients are neither clipped nor noised, "
+                f"and any other optimizer or update that uses them releases private data. "
+                f"Freeze them (requires_grad=False) or give them to the optimizer passed to "
+                f"make_private")
         mixing = mixing_modules(module)
         if mixing:
             raise SampleMixingError(
@@ -373,10 +396,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
                     loader.spec.inclusion.fraction, loader.effective_sample_rate,
                     noise_multiplier, max_grad_norm, noise.describe(), loader.sampling_source)
         if "ghost" in grad_sample_mode:
-            criterion = self._prepare_criterion(module=wrapped, optimizer=dp_optimizer,
-                                                criterion=criterion,
-                                                loss_reduction=loss_reduction)
-            return wrapped, dp_optimizer, criterion, loader
+            return wrapped, dp_optimizer, CheckedDPLoss(wrapped, dp_optimizer, criterion,
+                                                        loss_reduction), loader
         return wrapped, dp_optimizer, loader
 
     @staticmethod
@@ -385,7 +406,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
         if grad_sample_mode in _fast_modes():
             return lambda optim: int(optim.per_sample_norms.numel())
         if "ghost" in grad_sample_mode:
-            return lambda optim: int(wrapped.per_sample_gradient_norms.shape[0])
+            return pop_clipped_rows
         return rows_from_grad_samples
 
     def make_private_with_epsilon(self, *, module, optimizer, data_loader, target_epsilon,

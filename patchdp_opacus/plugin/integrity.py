@@ -80,29 +80,57 @@ class SampleMixingError(RuntimeError):
 _FROZEN_BN = "use patchdp_opacus.plugin.compat.make_private_compatible(model, norm='frozen' or " \
              "'group'), or keep the layer in eval mode (module.eval() after model.train())"
 
-#: (condition, why) for modules that mix samples when in training mode.
+def _batch_statistics(m) -> bool:
+    """torch normalises with batch statistics when ``training or running_mean is None``."""
+    return isinstance(m, _BatchNorm) and not isinstance(m, FrozenBatchNorm) and (
+        m.training or getattr(m, "running_mean", None) is None)
+
+
+#: (condition on the module in its current mode, why) for modules that mix samples.
 MIXING_RULES: tuple = (
-    (lambda m: isinstance(m, _BatchNorm) and not isinstance(m, FrozenBatchNorm),
-     "BatchNorm in training mode normalises with the statistics of the whole batch (other "
-     "samples' gradients depend on each image) and updates running statistics that are "
-     "released without noise"),
-    (lambda m: isinstance(m, _InstanceNorm) and m.track_running_stats,
+    (_batch_statistics,
+     "BatchNorm normalising with the statistics of the batch (training mode, or no running "
+     "statistics: track_running_stats=False or running_mean None, also in eval mode): other "
+     "samples' gradients depend on each image, and running statistics are released without "
+     "noise"),
+    (lambda m: isinstance(m, _InstanceNorm) and m.training and m.track_running_stats,
      "InstanceNorm with track_running_stats=True updates running statistics from the batch, "
      "released without noise"),
 )
 
 
 def mixing_modules(module: nn.Module) -> list[tuple[str, str]]:
-    """``(name, why)`` of the sub-modules that mix samples in their current (training) mode."""
+    """``(name, why)`` of the sub-modules that mix samples in their current mode."""
     out = []
     for name, m in module.named_modules():
-        if not m.training:
-            continue
         for condition, why in MIXING_RULES:
             if condition(m):
                 out.append((name or type(m).__name__, why))
                 break
     return out
+
+
+def _state_snapshot(module: nn.Module) -> dict:
+    """``{name: (identity, version, sum, 2-norm)}`` of every buffer and frozen parameter -- the
+    state a forward pass must not write (trainable parameters change only through the DP
+    optimizer).  An in-place write, a write through ``.data`` (no version bump) and a
+    reassignment each change an entry.  Sums and norms are reduced on the tensors' devices in
+    float64 and fetched with one transfer per device."""
+    named = [(f"buffer {n}", b) for n, b in module.named_buffers() if b is not None]
+    named += [(f"parameter {n}", p) for n, p in module.named_parameters() if not p.requires_grad]
+    by_device: dict = {}
+    with torch.no_grad():
+        for i, (_, t) in enumerate(named):
+            total = t.sum(dtype=torch.float64)
+            norm = torch.linalg.vector_norm(t, dtype=torch.float64) \
+                if t.is_floating_point() or t.is_complex() else total
+            by_device.setdefault(t.device, []).append((i, torch.stack([total, norm.real])))
+    stats = [None] * len(named)
+    for items in by_device.values():
+        values = torch.stack([v for _, v in items]).cpu().tolist()
+        for (i, _), v in zip(items, values):
+            stats[i] = tuple("nan" if x != x else x for x in v)  # NaN == NaN for this check
+    return {name: (id(t), t._version, *stats[i]) for i, (name, t) in enumerate(named)}
 
 
 def _batch_rows(args, kwargs) -> Optional[int]:
@@ -139,24 +167,26 @@ class ModuleIntegrity:
                 f"record-level DP-SGD need each sample's gradient to depend on that sample "
                 f"only; {_FROZEN_BN}. ({len(mixing)} such module(s): "
                 f"{[n for n, _ in mixing][:5]})")
-        self._versions = [(name, b, b._version) for name, b in module.named_buffers()]
+        self._versions = _state_snapshot(module)
         rows = _batch_rows(args, kwargs)
         if rows is not None:
             self.input_rows.append(rows)
         return None
 
     def _post(self, module, args, kwargs, output):
-        if self._versions is None:
+        before, self._versions = self._versions, None
+        if before is None:
             return None
-        for name, buffer, version in self._versions:
-            if buffer._version != version:
-                self._versions = None
-                raise SampleMixingError(
-                    f"buffer {name!r} was updated by a training-mode forward pass: it holds a "
-                    f"statistic of the private batch that would be released without noise "
-                    f"(running statistics of a normalisation layer, a cache, ...); "
-                    f"{_FROZEN_BN}, or compute it outside training")
-        self._versions = None
+        after = _state_snapshot(module)
+        changed = [name for name in before.keys() | after.keys()
+                   if before.get(name) != after.get(name)]
+        if changed:
+            raise SampleMixingError(
+                f"{changed[0]!r} (buffer or frozen parameter) was written by a training-mode "
+                f"forward pass: it holds a statistic of the private batch that would be "
+                f"released with the model without noise (running statistics of a "
+                f"normalisation layer, an EMA, prototypes, a cache, ...); {_FROZEN_BN}, or "
+                f"compute it outside training. Changed: {changed[:5]}")
         return None
 
     def pop_input_rows(self) -> Optional[int]:
@@ -187,6 +217,7 @@ class NoiseSource:
 
     kind: str = "os"
     generator: Optional[torch.Generator] = None
+    _created: Optional[torch.Generator] = None
 
     @property
     def secure(self) -> bool:
@@ -207,10 +238,17 @@ class NoiseSource:
             return
         device = next((p.device for p in optimizer.params), torch.device("cpu"))
         current = optimizer.generator
+        if self.kind == "os" and current is not None and current is not self._created:
+            self.kind, self.generator = "user", current  # set by the user on the optimizer
+            msg = ("optimizer.generator was set by hand: the noise is drawn from it (reported as "
+                   "reproducible, not private if its seed is known)")
+            logger.warning(msg)
+            warnings.warn(msg, stacklevel=4)
+            return
         if self.kind == "secure" or current is None or current.device != device:
             generator = torch.Generator(device=device)
             generator.manual_seed(secrets.randbits(63))
-            optimizer.generator = generator
+            optimizer.generator = self._created = generator
 
 
 class NoiseSourceMixin:
@@ -322,8 +360,25 @@ class LogicalBatchGuard(NoiseSourceMixin):
                    "BatchMemoryManager(max_physical_batch_size=...), which the engine tracks"))
         if complete:
             g.open_rows, g.open_id = 0, None
+            self._check_drawn(g)
             return False
         return True
+
+    def _check_drawn(self, g) -> None:
+        """A noisy step releases a logical batch the loader drew in this pass and no earlier
+        step released: never a batch of another loader, never the same draw twice."""
+        g.noisy += 1
+        drawn = g.sampler.last_batch_id - g.first_id + 1
+        exhausted = g.sampler.last_batch_id >= g.last_id
+        ahead = g.prefetch if (g.signals == 0 and not exhausted) else 0
+        if g.noisy > drawn - ahead:
+            raise LogicalBatchError(
+                f"noisy step {g.noisy} of this pass, but the crop-aware loader has handed out "
+                f"only {max(drawn - ahead, 0)} logical batch(es) in it: the step releases data "
+                f"the private loader did not draw (another loader, e.g. the one passed to "
+                f"make_private instead of the one it returned), or a batch released before "
+                f"(several optimizer steps on one batch). Iterate the loader make_private "
+                f"returned and call optimizer.step() once per logical batch")
 
     def _new_iteration(self) -> None:
         """A new pass over the loader starts: discard an unfinished logical batch (nothing of it
@@ -342,9 +397,7 @@ class LogicalBatchGuard(NoiseSourceMixin):
                 p.summed_grad = None
         g.open_rows, g.open_id = 0, None
         g.ledger.clear()
-        g.signals = g.steps = 0
-        g.exhausted = False
-        g.last_id = g.sampler.last_batch_id + len(g.sampler)
+        g.start_pass()
         if g.integrity is not None:
             g.integrity.input_rows.clear()
 
@@ -360,11 +413,21 @@ class _GuardState:
     open_id: Optional[int] = None
     signals: int = 0       # skip signals (one per chunk sampled) in this pass
     steps: int = 0         # optimizer steps in this pass
+    noisy: int = 0         # noisy (not skipped) steps in this pass
     exhausted: bool = False  # the pass's last chunk has been sampled
+    first_id: int = 0      # id of the pass's first logical batch
     last_id: int = -1      # id of the pass's last logical batch
 
     def __post_init__(self):
         self.ledger: list = []
+        self.start_pass()
+
+    def start_pass(self) -> None:
+        """Counters of a new pass over the loader (also before the first one)."""
+        self.signals = self.steps = self.noisy = 0
+        self.exhausted = False
+        self.first_id = self.sampler.last_batch_id + 1
+        self.last_id = self.sampler.last_batch_id + len(self.sampler)
 
 
 @functools.lru_cache(maxsize=None)

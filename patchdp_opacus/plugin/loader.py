@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+import warnings
+import weakref
 from typing import Any, Callable, Iterable
 
 import torch
@@ -46,7 +48,12 @@ from patchdp_opacus.plugin.sampler import (
     DistributedFixedSizeBatchSampler,
     FixedSizeBatchSampler,
 )
-from patchdp_opacus.plugin.transforms import inspect_collate, inspect_dataset
+from patchdp_opacus.plugin.transforms import (
+    TransformNotAllowedError,
+    inspect_collate,
+    inspect_dataset,
+    inspect_post_crop,
+)
 from patchdp_opacus.privacy.geometric import GeometricTransform
 from patchdp_opacus.privacy.geometry import CropGeometry
 from patchdp_opacus.privacy.spec import PatchPrivacySpec
@@ -153,8 +160,11 @@ class CropDPDataLoader(DataLoader):
                                  "post_crop_transform; pass the original dataset")
             post_crop_transform, dataset = dataset.post_crop_transform, dataset.dataset
         # one door: every loader inspects what runs before its crop and how batches are built
+        check_unique_records(dataset)
         report = inspect_dataset(dataset, allow_unchecked=allow_unchecked_transforms)
         report.merge(inspect_collate(collate_fn, allow_unchecked=allow_unchecked_transforms))
+        if post_crop_transform is not None:
+            inspect_post_crop(post_crop_transform)
         unchecked = tuple(dict.fromkeys((*spec.unchecked_transforms, *report.unchecked)))
         if unchecked != spec.unchecked_transforms:
             spec = dataclasses.replace(spec, unchecked_transforms=unchecked)
@@ -208,6 +218,10 @@ class CropDPDataLoader(DataLoader):
                          **dataloader_kwargs)
         self.spec = spec
         self.inspection = report
+        self._allow_unchecked = allow_unchecked_transforms
+        self._built_generator = batch_sampler.generator
+        ref = weakref.WeakMethod(self._reinspect)
+        batch_sampler.on_iteration_start.append(lambda: ref() and ref()())
         self.distributed = bool(distributed)
         self.secure = bool(secure)
         # DataLoader sets batch_size=None when given a batch_sampler and forbids setting it
@@ -244,15 +258,34 @@ class CropDPDataLoader(DataLoader):
     def unchecked_transforms(self) -> tuple:
         return self.spec.unchecked_transforms
 
+    def _reinspect(self) -> None:
+        """At the start of every pass: the dataset, collate and post-crop stage may have been
+        changed since the constructor inspected them (``dataset.transform = ...``)."""
+        report = inspect_dataset(self.dataset.dataset, allow_unchecked=self._allow_unchecked)
+        report.merge(inspect_collate(self.collate_fn, allow_unchecked=self._allow_unchecked))
+        if self.post_crop_transform is not None:
+            inspect_post_crop(self.post_crop_transform)
+        new = [n for n in report.unchecked if n not in self.spec.unchecked_transforms]
+        if new:
+            raise TransformNotAllowedError(
+                f"the data pipeline changed after the loader was built: {new} are accepted by "
+                f"allow_unchecked_transforms but not recorded in this loader's privacy spec; "
+                f"build a new loader (make_private) after setting the transforms",
+                name=new[0], where="dataset", verdict="unknown", reason="changed after build")
+
     @property
     def post_crop_transform(self):
         return self.dataset.post_crop_transform
 
     @property
     def sampling_source(self) -> str:
-        """Where batch indices and crop origins come from (for privacy reports)."""
+        """Where batch indices and crop origins come from (for privacy reports), read from the
+        generator the sampler holds now."""
         if self.secure:
             return "OS CSPRNG (secrets) at every step"
+        if self.batch_sampler.generator is not self._built_generator:
+            return ("a generator set after the loader was built (e.g. Opacus' switch_generator): "
+                    "reproducible, and not private if its seed is known")
         if self._seeded:
             return ("seeded generator: reproducible, and the sub-sampling and crop amplification "
                     "assume the seed stays secret")
@@ -306,8 +339,9 @@ class CropDPDataLoader(DataLoader):
 
         Keeps its dataset, batch size (as ``B``), ``collate_fn``, ``num_workers``,
         ``pin_memory``, ``worker_init_fn``, ``timeout``, ``multiprocessing_context``,
-        ``prefetch_factor``, ``persistent_workers`` and (unless ``generator``/``seed``/
-        ``secure`` is given) its ``generator``; its sampler/shuffle/drop_last are replaced.
+        ``prefetch_factor`` and ``persistent_workers``; its sampler/shuffle/drop_last and its
+        generator are replaced (the draws come from OS entropy unless ``seed``/``generator``
+        is given here).
         The constructor runs the inspection and records what ``allow_unchecked_transforms``
         accepted in the spec.
 
@@ -350,13 +384,56 @@ class CropDPDataLoader(DataLoader):
             kwargs["prefetch_factor"] = data_loader.prefetch_factor
         else:
             kwargs.pop("persistent_workers", None)
-        if generator is None and seed is None and not secure and not distributed:
-            generator = data_loader.generator
+        if data_loader.generator is not None and generator is None and seed is None:
+            msg = ("the DataLoader's generator is not used for the secret draws: batch indices "
+                   "and crop origins come from OS entropy (a seeded shuffling generator would "
+                   "make them known to whoever knows the seed, which voids the amplification). "
+                   "Pass seed= or generator= to make_private / from_data_loader for "
+                   "reproducible sampling")
+            logger.warning(msg)
+            warnings.warn(msg, stacklevel=2)
         return cls(dataset, batch_size=batch_size, spec=spec, steps_per_epoch=steps_per_epoch,
                    generator=generator, seed=seed, secure=secure, distributed=distributed,
                    ignore_index=ignore_index, post_crop_transform=post_crop_transform,
                    allow_unchecked_transforms=allow_unchecked_transforms,
                    augmentation_seed=augmentation_seed, **kwargs)
+
+
+def _records(dataset, indices, out: dict) -> None:
+    """Map ``dataset[indices]`` through ``Subset`` / ``ConcatDataset`` to the records of the
+    data sets underneath: ``out[id(base)] = (base, [base indices ...])``."""
+    kind, module = type(dataset).__name__, type(dataset).__module__
+    if module.startswith("torch.utils.data") and kind == "Subset":
+        _records(dataset.dataset, [dataset.indices[i] for i in indices], out)
+        return
+    if module.startswith("torch.utils.data") and kind == "ConcatDataset":
+        bounds = [0, *dataset.cumulative_sizes]
+        for child, lo, hi in zip(dataset.datasets, bounds[:-1], bounds[1:]):
+            _records(child, [i - lo for i in indices if lo <= i < hi], out)
+        return
+    out.setdefault(id(dataset), (dataset, []))[1].extend(int(i) for i in indices)
+
+
+def check_unique_records(dataset) -> None:
+    """Refuse a data set that holds one record several times (``ConcatDataset([ds, ds])``,
+    ``Subset(ds, idx * 2)``): the accountant's ``q = B / N`` and sensitivity ``2C`` assume that
+    every image is one of the ``N`` records; a repeated image enters a batch more often and can
+    enter it twice.  Custom wrappers are taken as they are (their index map is unknown)."""
+    found: dict = {}
+    _records(dataset, range(len(dataset)), found)
+    for base, indices in found.values():
+        counts: dict = {}
+        for i in indices:
+            counts[i] = counts.get(i, 0) + 1
+        repeated = next((i for i, c in counts.items() if c > 1), None)
+        if repeated is not None:
+            raise ValueError(
+                f"record {repeated} of {type(base).__name__} appears {counts[repeated]} times "
+                f"in the data set (a ConcatDataset of the same data set, or a Subset with "
+                f"repeated indices): the accountant's q = B/N and sensitivity 2C assume that "
+                f"each image is one record. Remove the repetition (for longer epochs use "
+                f"steps_per_epoch or more epochs), or protect the repeated records together "
+                f"with group privacy")
 
 
 def scan_image_sizes(dataset) -> list[tuple[int, int]]:

@@ -51,6 +51,7 @@ import logging
 import os
 import random
 import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -303,6 +304,13 @@ def _interpolating_resize_alb(t) -> Rule | None:
     mode = getattr(t, "interpolation", None)
     if mode not in _CV2_NEAREST:
         return Rule(DENY, INTERPOLATING_RESIZE + f" (interpolation={mode!r})")
+    if getattr(t, "area_for_downscale", None) is not None:
+        return Rule(DENY, INTERPOLATING_RESIZE + f" (area_for_downscale="
+                                                 f"{t.area_for_downscale!r} averages pixels when "
+                                                 f"downscaling)")
+    sizes = getattr(t, "max_size", None)
+    if isinstance(sizes, (list, tuple)) and len(set(sizes)) > 1:
+        return Rule(DENY, RANDOM_SCALE + f" (max_size={list(sizes)} draws the size at random)")
     return None
 
 
@@ -430,7 +438,22 @@ _INFRASTRUCTURE = frozenset("logging threading multiprocessing io socket sqlite3
 
 
 def _module_root(obj) -> str:
-    return (getattr(type(obj), "__module__", "") or "").split(".")[0].lstrip("_")
+    cls = obj if isinstance(obj, type) else type(obj)
+    return (getattr(cls, "__module__", "") or "").split(".")[0].lstrip("_")
+
+
+#: Classes from these packages are not walked for class attributes (their own code and
+#: constants); transforms of the known libraries are classified by the rule tables instead.
+_NOT_WALKED_CLASS_ROOTS = frozenset({"builtins", "torch", "torchvision", "numpy", "PIL",
+                                     "albumentations", "opacus", "typing", "abc",
+                                     *sys.stdlib_module_names})
+_CODE_TYPES = (types.FunctionType, types.BuiltinFunctionType, staticmethod, classmethod,
+               property, types.MethodType, type)
+
+
+def _slot_names(cls) -> tuple:
+    slots = vars(cls).get("__slots__", ())
+    return (slots,) if isinstance(slots, str) else tuple(s for s in slots if s != "__dict__")
 
 
 def _is_stdlib(obj) -> bool:
@@ -493,11 +516,24 @@ class _Walker:
             self.visit_attributes(obj, where)  # holder objects (namespaces, user classes)
 
     def visit_attributes(self, obj, where: str) -> None:
+        """Instance attributes, ``__slots__`` and class attributes (of classes defined outside
+        the known libraries: a transform kept on the class is used like one on the instance);
+        methods and other code on the class are not data and are skipped."""
         attributes = getattr(obj, "__dict__", None)
-        if not isinstance(attributes, dict):
-            return
-        for key, value in attributes.items():
+        for key, value in (attributes.items() if isinstance(attributes, dict) else ()):
             self.visit(value, f"{where}.{key}")
+        for cls in type(obj).__mro__:
+            if _module_root(cls) in _NOT_WALKED_CLASS_ROOTS or cls is object:
+                continue
+            for key in _slot_names(cls):
+                if hasattr(obj, key):
+                    self.visit(getattr(obj, key), f"{where}.{key}")
+            for key, value in vars(cls).items():
+                if key.startswith("__") or isinstance(value, _CODE_TYPES):
+                    continue
+                if isinstance(attributes, dict) and key in attributes:
+                    continue  # shadowed by the instance
+                self.visit(value, f"{where}.{key} (class attribute)")
 
     def _apply(self, obj, name: str, rule: Rule, where: str) -> None:
         if rule.verdict == CONTAINER:
@@ -566,4 +602,59 @@ def inspect_collate(collate_fn, *, allow_unchecked: bool | Iterable[str] = False
                                        name=name, where="collate_fn", verdict=DENY,
                                        reason=rule.reason)
     _refuse_or_record(name, "collate_fn", "unknown", UNKNOWN_COLLATE, override, report)
+    return report
+
+
+POST_CROP_READS_DATA = ("the post-crop stage holds a data set or loader: it can paste pixels of "
+                        "other (uncropped) images into a sample, so a sample no longer depends "
+                        "on its own crop only; remove it (copy-paste/mosaic-style mixing is not "
+                        "covered)")
+
+
+def inspect_post_crop(transform) -> InspectionReport:
+    """The post-crop stage may read the whole crop, so almost anything is allowed there; what
+    is refused is reaching *other* samples: a data set, a data loader or a sample-mixing
+    transform (MixUp, CutMix, Mosaic, ...) anywhere inside it."""
+    report = InspectionReport()
+    seen: set = set()
+
+    def visit(obj, where):
+        if _is_plain_data(obj) or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                visit(value, f"{where}[{key!r}]")
+            return
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            for i, value in enumerate(obj):
+                visit(value, f"{where}[{i}]")
+            return
+        rule = rule_for(obj)
+        if rule is not None and rule.verdict == DENY and rule.reason == MIXING:
+            raise TransformNotAllowedError(f"{where}: {qualified_name(obj)} mixes samples: "
+                                           f"{MIXING}", name=qualified_name(obj), where=where,
+                                           verdict=DENY, reason=MIXING)
+        if _is_dataset(obj) or type(obj).__name__ == "DataLoader":
+            raise TransformNotAllowedError(f"{where}: {POST_CROP_READS_DATA}",
+                                           name=qualified_name(obj), where=where, verdict=DENY,
+                                           reason=POST_CROP_READS_DATA)
+        if rule is not None and rule.verdict == CONTAINER:
+            for i, child in enumerate(_children(obj)):
+                visit(child, f"{where}.transforms[{i}]")
+            return
+        if isinstance(obj, functools.partial):
+            visit([obj.func, *obj.args, *obj.keywords.values()], f"{where}.partial")
+        attributes = getattr(obj, "__dict__", None)
+        for key, value in (attributes.items() if isinstance(attributes, dict) else ()):
+            visit(value, f"{where}.{key}")
+        closure = getattr(obj, "__closure__", None) or ()
+        for i, cell in enumerate(closure):
+            try:
+                visit(cell.cell_contents, f"{where}.<closure {i}>")
+            except ValueError:  # empty cell
+                pass
+        report._add(report.checked, qualified_name(obj))
+
+    visit(transform, "post_crop_transform")
     return report

@@ -18,7 +18,7 @@ SQUARE, WIDE = (1000, 1000), (1000, 2000)
 NOISE_GROUPS = {"low": (1.0, 1.5, 2.0), "medium": (2.5, 3.0, 3.5), "high": (4.0, 4.5, 5.0)}
 #: Sweeps: the crop sweep protects a 10x10 patch, the patch sweep crops 450x450 (paper C.4).
 SWEEP_PATCH, SWEEP_CROP = (10, 10), 450
-#: Fig. 11-12 privacy side: the segmentation settings (the paper's, delta = 1/N); sigma_aug
+#: Fig. 11-12 privacy side: the paper's segmentation settings (delta = 1/N); sigma_aug
 #: chosen as 1x, 10x and 100x the pixel range (the paper calibrates it per epsilon, its values
 #: were not exported); target epsilons: a subset of the paper's grid.
 CITYSCAPES = PrivacySetting(image_size=(1024, 2048), crop=505, patch=(10, 10),

@@ -17,6 +17,7 @@ from patchdp_opacus.app.loop import (  # noqa: F401 - the shared loop, re-export
     Progress,
     build_datasets,
     init_distributed,
+    loader_arguments,
     resolve_device,
     train,
 )
