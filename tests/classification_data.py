@@ -1,5 +1,6 @@
 """Tiny generated classification data sets in the published layouts (shared by the tests):
-MNIST's idx files and a DTD-like folder (``images/<class>/*.jpg``, ``labels/{train,val,test}1.txt``)."""
+MNIST's idx files and a DTD-like folder (``images/<class>/*.jpg``,
+``labels/{train,val,test}1.txt``)."""
 
 from __future__ import annotations
 

@@ -592,7 +592,8 @@ def evaluation_geometry(privacy: PrivacyConfig):
 
 
 CROSS_CHECKS: list[Callable[["ExperimentConfig"], None]] = [
-    _validation_is_not_training, _augmentations_of_the_task, _dataset_named, _one_noise_setting, _augmentation_for_its_claim, _crop_for_a_claim,
+    _validation_is_not_training, _augmentations_of_the_task, _dataset_named, _one_noise_setting,
+    _augmentation_for_its_claim, _crop_for_a_claim,
     _secure_or_reproducible, _dataset_arguments, _same_holdout, _pretrained_channels,
     _loader_geometry_builds]
 

@@ -11,9 +11,9 @@ its first epoch leaves nothing behind):
   non-private run), the task's metrics on evaluation epochs (``miou`` / ``pixel_accuracy`` for
   segmentation, ``accuracy`` / ``mean_per_class_accuracy`` for classification; empty
   otherwise), ``epoch_seconds`` and ``elapsed_seconds`` (wall clock, training and evaluation),
-  ``time`` (local time at the end of the epoch).  Nothing computed from private training batches is in it: with the opt-in
-  ``training.log_train_loss`` one more column, :data:`LOSS_COLUMN`, says that it is not covered
-  by epsilon;
+  ``time`` (local time at the end of the epoch).  Nothing computed from private training
+  batches is in it: with the opt-in ``training.log_train_loss`` one more column,
+  :data:`LOSS_COLUMN`, says that it is not covered by epsilon;
 * ``tensorboard/`` — the same scalars, when the optional ``tensorboard`` package is installed;
 * ``privacy_report.json`` / ``.txt`` — the claim: geometry, p, q, every noise multiplier used
   (per history segment), both epsilons, where the noise and the sampling came from;

@@ -63,7 +63,8 @@ from patchdp_opacus.privacy.spec import PatchPrivacySpec
 
 __all__ = [
     "DEFAULT_DISCRETIZATION", "SENSITIVITY", "PatchDPSGD", "calibrate_noise", "delta", "epsilon",
-    "group_epsilon", "privacy_profile", "GaussianAugmentation", "data_level_profile", "gaussian_augmentation_tv",
+    "group_epsilon", "privacy_profile", "GaussianAugmentation", "data_level_profile",
+    "gaussian_augmentation_tv",
     "input_sensitivity", "CropGeometry", "InclusionProbability", "inclusion_probability",
     "mask_hit_counts", "rectangle_inclusion", "Circle", "Cluster", "Crescent", "Mask",
     "PrivateRegion", "Rectangle", "Square", "Union", "as_region", "make_region",
