@@ -24,3 +24,18 @@ class HelpFormatter(argparse.HelpFormatter):
             shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
             text += f" (default: {shown})"
         return text
+
+
+def int_type(minimum: int, unit: str):
+    """argparse ``type=`` for an integer ``>= minimum``; messages name the unit."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer ({unit}), got {text!r}") from None
+        if value < minimum:
+            bound = "positive" if minimum == 1 else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bound} ({unit}), got {value}")
+        return value
+    return parse

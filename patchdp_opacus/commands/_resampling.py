@@ -13,7 +13,7 @@ import argparse
 from dataclasses import dataclass
 from fractions import Fraction
 
-from patchdp_opacus.commands import UsageError
+from patchdp_opacus.commands import UsageError, int_type
 from patchdp_opacus.privacy import CropGeometry, RandomResizedCrop, RandomScaleCrop, Resize
 from patchdp_opacus.privacy.interpolation import INTERPOLATIONS
 
@@ -35,24 +35,8 @@ def positive_fraction(text: str) -> Fraction:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer (a count), got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive (a count), got {value}")
-    return value
-
-
-def _pixels(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer (pixels), got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive (pixels), got {value}")
-    return value
+_count = int_type(1, "a count")
+_pixels = int_type(1, "pixels")
 
 
 def _num(x: Fraction) -> str:

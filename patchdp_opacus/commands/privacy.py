@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from patchdp_opacus.commands import HelpFormatter, UsageError, _resampling
+from patchdp_opacus.commands import HelpFormatter, UsageError, _resampling, int_type
 from patchdp_opacus.privacy import (
     DEFAULT_DISCRETIZATION,
     CropGeometry,
@@ -45,20 +45,6 @@ _PROFILE_FLOOR = 1e-16
 
 # --------------------------------------------------------------------------- argument types
 
-def _int_type(minimum: int, unit: str):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected an integer ({unit}), got {text!r}") from None
-        if value < minimum:
-            bound = "positive" if minimum == 1 else f">= {minimum}"
-            raise argparse.ArgumentTypeError(f"must be {bound} ({unit}), got {value}")
-        return value
-    return parse
-
-
 def _positive_float(unit: str):
     def parse(text):
         try:
@@ -84,9 +70,9 @@ def _delta_type(text):
     return float(value)
 
 
-_pixels = _int_type(1, "pixels")
-_padding_pixels = _int_type(0, "pixels")
-_count = _int_type(1, "a count")
+_pixels = int_type(1, "pixels")
+_padding_pixels = int_type(0, "pixels")
+_count = int_type(1, "a count")
 
 
 # --------------------------------------------------------------------------- parser

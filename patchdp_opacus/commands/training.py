@@ -9,23 +9,15 @@ happen inside the handlers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 
-from patchdp_opacus.commands import HelpFormatter, UsageError
+from patchdp_opacus.commands import HelpFormatter, UsageError, int_type
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+_positive_int = int_type(1, "a count")
 
 
 def register(subparsers) -> None:
@@ -345,7 +337,7 @@ def cmd_evaluate(args) -> int:
     device = _check_device(args.device, f"--device {args.device}")
     from patchdp_opacus.app.config import ConfigError, config_from_dict
     from patchdp_opacus.app.loop import evaluation_dataset
-    from patchdp_opacus.app.outputs import dumps, fmt
+    from patchdp_opacus.app.outputs import dumps
     from patchdp_opacus.app.tasks import task_of
 
     try:
