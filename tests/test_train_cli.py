@@ -90,6 +90,7 @@ def test_train_resume_evaluate_and_plot(tmp_path, capsys):
     assert "not private if the seed is known" in rep["sampling_source"]
     text = (full / "privacy_report.txt").read_text()
     assert "epsilon (patch level)" in text
+    assert "for orientation only, Opacus-style epsilon" in text  # labelled as another relation
     assert "noise: reproducible from the seed — not private if the seed is known" in text
     assert "batches and crops reproducible from the seed — not private if the seed" in text
     assert (full / "prediction.png").stat().st_size > 0

@@ -310,6 +310,11 @@ def report_lines(report: dict) -> list[str]:
         f"epsilon (patch level)  = {fmt(report.get('epsilon_patch'), '', 'unbounded')}",
         f"epsilon (record level) = {fmt(report.get('epsilon_record'), '', 'unbounded')}",
     ]
+    orientation = report.get("opacus_orientation")
+    if orientation:
+        lines.append(f"for orientation only, Opacus-style epsilon = "
+                     f"{fmt(orientation.get('epsilon'), '', 'unbounded')} ({orientation['relation']}"
+                     f": a different relation and sampling, not comparable to the claims above)")
     if report.get("augmentation"):
         lines += [
             f"{report['augmentation']}, added by the loader to every sample (stored-image "
