@@ -449,3 +449,16 @@ def test_torchrun_demo_config_trains_with_bk(tmp_path):
     assert report["batch_size"] == 128 and report["history"][-1][2] == 2
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     assert ckpt["config"]["training"]["grad_sample_mode"] == "bk"
+
+
+@pytest.mark.parametrize("flag", ["reproducible_noise", "reproducible_sampling", "secure_sampling"])
+def test_a_checkpoint_resumes_only_under_its_noise_and_sampling_sources(tmp_path, capsys, flag):
+    """The report states one noise source and one sampling source for the whole run: a run
+    begun with noise or batches from the config seed cannot be continued as if private."""
+    cfg, run = write_cfg(tmp_path), str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--output", run, "--quiet", "--max-steps", "1",
+                 "--set", f"privacy.{flag}=true"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", cfg, "--output", run, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"privacy.{flag}" in err and f"--set privacy.{flag}=true" in err, err

@@ -51,6 +51,7 @@ from patchdp_opacus.app.config import (
 from patchdp_opacus.app.outputs import LOSS_COLUMN, NON_PRIVATE
 from patchdp_opacus.app.tasks import Task, task_of
 from patchdp_opacus.plugin.engine import PrivacyEngine
+from patchdp_opacus.plugin.loader import shared_records
 from patchdp_opacus.privacy import (
     GaussianAugmentation,
     PatchDPSGD,
@@ -126,6 +127,14 @@ def build_datasets(cfg: ExperimentConfig, task: Optional[Task] = None):
     if len(train_set) == 0:
         raise ConfigError("dataset.train", f"the training split of dataset {d.name!r} at "
                                            f"{d.root} is empty")
+    shared = shared_records(train_set, val_set)
+    if shared:  # e.g. another DTD partition, or A2D2 sessions listed from the training split
+        raise ConfigError("dataset.val", f"validation images are training images ({shared}): "
+                                         f"their metrics (accuracy or mIoU, per class) would be "
+                                         f"statistics of the private training data, released "
+                                         f"without noise. Evaluate on images outside the "
+                                         f"training split (the same partition / sessions for "
+                                         f"dataset.train and dataset.val)")
     sizes = sorted(tuple(s) for s in getattr(train_set, "image_sizes", ()))
     if sizes and cfg.privacy.crop is not None:  # before the model: the geometry fits them all
         try:
@@ -287,16 +296,35 @@ def _nonprivate_step(model, optimizer, criterion, images, targets, physical: int
     optimizer.step()
 
 
+#: Settings a checkpoint must resume under, with why: the noise of its steps was calibrated
+#: for the accounting it ran under, and the report describes the whole run with the current
+#: noise and sampling sources (a segment whose noise or batches came from the config seed is
+#: not private, and a report written from a later segment's OS-entropy setting would hide it).
+RESUME_INVARIANTS: tuple[tuple[str, str, str], ...] = (
+    # (privacy.<key>, why it must not change, the option that sets it back ({} = old value))
+    ("accounting", "the noise of its steps was calibrated for that claim", "--accounting {}"),
+    ("reproducible_noise", "the privacy report states one noise source for every step",
+     "--set privacy.reproducible_noise={}"),
+    ("reproducible_sampling", "the privacy report states one sampling source for every step",
+     "--set privacy.reproducible_sampling={}"),
+    ("secure_sampling", "the privacy report states one sampling source for every step",
+     "--set privacy.secure_sampling={}"),
+)
+
+
 def _check_resumable(ckpt: Path, cfg: ExperimentConfig) -> None:
-    """A checkpoint resumes only under the accounting it was trained with: the noise of its
-    steps was calibrated for that claim (and the augmentation noise added or not)."""
+    """A checkpoint resumes only under the privacy settings it was trained with
+    (:data:`RESUME_INVARIANTS`); another value raises a ``ConfigError`` naming the setting."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    before = ((state.get("config") or {}).get("privacy") or {}).get("accounting")
-    if before is not None and before != cfg.privacy.accounting:
-        raise ConfigError("privacy.accounting",
-                          f"the checkpoint {ckpt} was trained with accounting {before!r}, not "
-                          f"{cfg.privacy.accounting!r}: resume it with --accounting {before}, or "
-                          f"start a new run (another --output, or --no-resume)")
+    before = (state.get("config") or {}).get("privacy") or {}
+    for key, why, option in RESUME_INVARIANTS:
+        was, now = before.get(key), getattr(cfg.privacy, key)
+        if key in before and was != now:
+            value = str(was).lower() if isinstance(was, bool) else was
+            raise ConfigError(f"privacy.{key}",
+                              f"the checkpoint {ckpt} was trained with {key} {was!r}, not "
+                              f"{now!r} ({why}): resume it with {option.format(value)}, or "
+                              f"start a new run (another --output, or --no-resume)")
 
 
 def _save(path: Path, engine, model, optimizer, extra: dict) -> None:

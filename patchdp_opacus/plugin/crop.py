@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from patchdp_opacus.plugin.resample import resample_sample
 from patchdp_opacus.plugin.augmentation import check_pixel_units, noisy_sample
 from patchdp_opacus.plugin.sampler import WORD, CropToken, TransformToken, with_noise_seed
+from patchdp_opacus.plugin.transforms import check_post_crop_state, post_crop_state
 from patchdp_opacus.privacy.footprint import Theta
 from patchdp_opacus.privacy.geometric import FixedCrop, GeometricTransform, as_transform
 from patchdp_opacus.privacy.geometry import CropGeometry
@@ -433,4 +434,7 @@ class CroppingDataset(Dataset):
                                        ignore_index=self.ignore_index)
         if self.post_crop_transform is None:
             return cropped
-        return self.post_crop_transform(cropped)
+        before = post_crop_state(self.post_crop_transform)
+        out = self.post_crop_transform(cropped)
+        check_post_crop_state(self.post_crop_transform, before)
+        return out

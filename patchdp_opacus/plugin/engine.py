@@ -152,6 +152,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
         self.max_grad_norm = None
         self.noise_multiplier = None
         self.noise_source: Optional[NoiseSource] = None
+        self.integrity: Optional[ModuleIntegrity] = None
         self._fast_options: dict = {}
         self.target: Optional[dict] = None  # set by make_private_with_epsilon
         self._budget_warned = False
@@ -377,10 +378,11 @@ class PrivacyEngine(opacus.PrivacyEngine):
             expected_batch_size=local_batch, loss_reduction=loss_reduction,
             distributed=distributed, clipping=clipping, grad_sample_mode=grad_sample_mode,
             guard=True, noise_source=noise, **kwargs)
+        # hooks on the module the user holds (reached through the wrapper and directly)
+        self.integrity = ModuleIntegrity(module.module if distributed else module)
         dp_optimizer.attach_guard(
             batch_size=local_batch, sampler=loader.batch_sampler,
-            rows=self._rows_function(grad_sample_mode, wrapped),
-            integrity=ModuleIntegrity(wrapped if wrap_model else module),
+            rows=self._rows_function(grad_sample_mode, wrapped), integrity=self.integrity,
             prefetch=loader.num_workers * (loader.prefetch_factor or 0))
         self.target = self.__dict__.pop("_pending_target", None)
         account = self.accountant.get_optimizer_hook_fn(sample_rate=loader.sample_rate)
@@ -489,8 +491,11 @@ class PrivacyEngine(opacus.PrivacyEngine):
     # -- reading the claim ----------------------------------------------------------------------
     def get_epsilon(self, delta: float, level: Optional[str] = None) -> float:
         """Epsilon of the steps taken so far.  Patch-level mode: patch level (default) or
-        ``level="record"`` (p = 1, same steps).  Opacus mode: Opacus' epsilon (record-level
-        add/remove); ``level="patch"`` raises there."""
+        ``level="record"`` (p = 1, same steps), refused when the model changed outside the DP
+        step since the last one (the epsilon would not cover the model).  Opacus mode: Opacus'
+        epsilon (record-level add/remove); ``level="patch"`` raises there."""
+        if self.integrity is not None:
+            self.integrity.check_unchanged()
         if not isinstance(self.accountant, PatchPLDAccountant):
             if level == "patch":
                 raise ValueError(
@@ -504,6 +509,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
     def privacy_report(self, delta: float) -> dict:
         """Everything a reader needs to check the claim (JSON-able).  ``history`` lists every
         ``(noise_multiplier z, sample_rate q, steps)`` segment actually run."""
+        if self.integrity is not None:
+            self.integrity.check_unchanged()
         acc = self.accountant
         history = [list(h) for h in acc.history]
         report = {
@@ -579,6 +586,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
         """Load module/optimizer/accountant; refuses a checkpoint of another geometry."""
         checkpoint = super().load_checkpoint(path=path, module=module, optimizer=optimizer,
                                              **kwargs)
+        if self.integrity is not None:
+            self.integrity.take_reference()  # the loaded weights are the new reference
         sampler = getattr(self.data_loader, "batch_sampler", None)
         for key, attribute, seeded in (("patchdp_sampler_rng_state", "generator", "_seeded"),
                                        ("patchdp_augmentation_rng_state", "noise_generator",

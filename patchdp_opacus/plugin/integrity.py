@@ -110,14 +110,16 @@ def mixing_modules(module: nn.Module) -> list[tuple[str, str]]:
     return out
 
 
-def _state_snapshot(module: nn.Module) -> dict:
-    """``{name: (identity, version, sum, 2-norm)}`` of every buffer and frozen parameter -- the
-    state a forward pass must not write (trainable parameters change only through the DP
-    optimizer).  An in-place write, a write through ``.data`` (no version bump) and a
-    reassignment each change an entry.  Sums and norms are reduced on the tensors' devices in
-    float64 and fetched with one transfer per device."""
+def _state_snapshot(module: nn.Module, *, trainable: bool = False) -> dict:
+    """``{name: (sum, 2-norm)}`` of every buffer and frozen parameter (and, with
+    ``trainable``, of every trainable parameter too, plus the set of trainable names) -- state
+    that may change only through the DP step.  An in-place write, a write through ``.data``
+    (no version bump) and a reassignment each change an entry.  Sums and norms are reduced on
+    the tensors' devices in float64 and fetched with one transfer per device; NaN counts as
+    equal to NaN."""
     named = [(f"buffer {n}", b) for n, b in module.named_buffers() if b is not None]
-    named += [(f"parameter {n}", p) for n, p in module.named_parameters() if not p.requires_grad]
+    named += [(f"parameter {n}", p) for n, p in module.named_parameters()
+              if trainable or not p.requires_grad]
     by_device: dict = {}
     with torch.no_grad():
         for i, (_, t) in enumerate(named):
@@ -130,7 +132,11 @@ def _state_snapshot(module: nn.Module) -> dict:
         values = torch.stack([v for _, v in items]).cpu().tolist()
         for (i, _), v in zip(items, values):
             stats[i] = tuple("nan" if x != x else x for x in v)  # NaN == NaN for this check
-    return {name: (id(t), t._version, *stats[i]) for i, (name, t) in enumerate(named)}
+    state = {name: stats[i] for i, (name, _) in enumerate(named)}
+    if trainable:
+        state["which parameters are trainable"] = frozenset(
+            n for n, p in module.named_parameters() if p.requires_grad)
+    return state
 
 
 def _batch_rows(args, kwargs) -> Optional[int]:
@@ -141,23 +147,53 @@ def _batch_rows(args, kwargs) -> Optional[int]:
 
 
 class ModuleIntegrity:
-    """Forward hooks on the trained model: refuse sample-mixing layers and buffer updates in
-    training-mode forward passes, and record the batch sizes the model was called with (the
-    guard compares them with the per-sample gradient rows at the next step)."""
+    """Hooks on the trained model (the module the user holds, so that calling it directly is
+    checked like calling its wrapper): refuse sample-mixing layers and state written in
+    training-mode forward passes, refuse a model changed outside the DP optimizer's step, and
+    record the batch sizes the model was called with (the guard compares them with the
+    per-sample gradient rows at the next step).
+
+    The *reference* is the model's whole state (every parameter and buffer: contents, and which
+    parameters are trainable), taken when the engine made the model private and after every
+    optimizer step.  At each training forward, and when the engine reads epsilon, the state must
+    still equal it: an update by another optimizer, a parameter unfrozen later, running
+    statistics or prototypes written by the training loop between steps, all released with the
+    model without noise, raise instead."""
 
     def __init__(self, module: nn.Module):
         self.module = module
         self.input_rows: list[int] = []
-        self._versions: Optional[list] = None
+        self._before: Optional[dict] = None
+        self.reference: Optional[dict] = None
         self._handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True),
                          module.register_forward_hook(self._post, with_kwargs=True)]
+        self.take_reference()
 
     def _active(self) -> bool:
         return self.module.training and torch.is_grad_enabled()
 
+    def take_reference(self) -> None:
+        """The state after a DP step (or at make_private, or after a checkpoint load)."""
+        self.reference = _state_snapshot(self.module, trainable=True)
+
+    def check_unchanged(self) -> None:
+        """Raise if the model changed since the last reference, other than by the DP step."""
+        if self.reference is None:
+            return
+        now = _state_snapshot(self.module, trainable=True)
+        changed = _changed(self.reference, now)
+        if changed:
+            raise SampleMixingError(
+                f"the model changed outside the DP optimizer's step: {changed[:5]}. Whatever "
+                f"changes the model must go through the optimizer make_private returned "
+                f"(clipped, noised, accounted): not the original optimizer or a second one, not "
+                f"parameters unfrozen after make_private (call make_private again with them), "
+                f"not statistics written by the training loop. To resume, load checkpoints with "
+                f"engine.load_checkpoint")
+
     def _pre(self, module, args, kwargs):
         if not self._active():
-            self._versions = None
+            self._before = None
             return None
         mixing = mixing_modules(module)
         if mixing:
@@ -167,26 +203,25 @@ class ModuleIntegrity:
                 f"record-level DP-SGD need each sample's gradient to depend on that sample "
                 f"only; {_FROZEN_BN}. ({len(mixing)} such module(s): "
                 f"{[n for n, _ in mixing][:5]})")
-        self._versions = _state_snapshot(module)
+        self.check_unchanged()
+        self._before = self.reference
         rows = _batch_rows(args, kwargs)
         if rows is not None:
             self.input_rows.append(rows)
         return None
 
     def _post(self, module, args, kwargs, output):
-        before, self._versions = self._versions, None
+        before, self._before = self._before, None
         if before is None:
             return None
-        after = _state_snapshot(module)
-        changed = [name for name in before.keys() | after.keys()
-                   if before.get(name) != after.get(name)]
+        changed = _changed(before, _state_snapshot(module, trainable=True))
         if changed:
             raise SampleMixingError(
-                f"{changed[0]!r} (buffer or frozen parameter) was written by a training-mode "
-                f"forward pass: it holds a statistic of the private batch that would be "
-                f"released with the model without noise (running statistics of a "
-                f"normalisation layer, an EMA, prototypes, a cache, ...); {_FROZEN_BN}, or "
-                f"compute it outside training. Changed: {changed[:5]}")
+                f"{changed[0]!r} was written by a training-mode forward pass: it holds a "
+                f"statistic of the private batch that would be released with the model without "
+                f"noise (running statistics of a normalisation layer, an EMA, prototypes, a "
+                f"cache, ...); {_FROZEN_BN}, or compute it outside training. Changed: "
+                f"{changed[:5]}")
         return None
 
     def pop_input_rows(self) -> Optional[int]:
@@ -197,6 +232,24 @@ class ModuleIntegrity:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _same_stats(a, b) -> bool:
+    """Equal state entries; sums and norms up to 1e-9 of the tensor's norm (the same tensor
+    reduced on another device after ``model.to(...)`` may differ in the last bits)."""
+    if not (isinstance(a, tuple) and isinstance(b, tuple)):
+        return a == b
+    (sum_a, norm_a), (sum_b, norm_b) = a, b
+    if "nan" in (sum_a, norm_a, sum_b, norm_b):
+        return a == b
+    scale = 1e-9 * max(abs(norm_a), abs(norm_b), abs(sum_a), abs(sum_b), 1e-300)
+    return abs(sum_a - sum_b) <= scale and abs(norm_a - norm_b) <= scale
+
+
+def _changed(before: dict, after: dict) -> list[str]:
+    return sorted(name for name in before.keys() | after.keys()
+                  if name not in before or name not in after
+                  or not _same_stats(before[name], after[name]))
 
 
 def rows_from_grad_samples(optimizer) -> int:
@@ -290,6 +343,13 @@ class LogicalBatchGuard(NoiseSourceMixin):
                 method()
 
         sampler.on_iteration_start.append(on_iteration_start)
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        g = self._guard
+        if g is not None and g.integrity is not None:
+            g.integrity.take_reference()  # the DP step is the one allowed change
+        return out
 
     def signal_skip_step(self, do_skip=True):
         g = self._guard

@@ -30,7 +30,7 @@ import logging
 import secrets
 import warnings
 import weakref
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 import torch
 from torch.utils.data import DataLoader
@@ -399,41 +399,74 @@ class CropDPDataLoader(DataLoader):
                    augmentation_seed=augmentation_seed, **kwargs)
 
 
-def _records(dataset, indices, out: dict) -> None:
-    """Map ``dataset[indices]`` through ``Subset`` / ``ConcatDataset`` to the records of the
-    data sets underneath: ``out[id(base)] = (base, [base indices ...])``."""
-    kind, module = type(dataset).__name__, type(dataset).__module__
-    if module.startswith("torch.utils.data") and kind == "Subset":
-        _records(dataset.dataset, [dataset.indices[i] for i in indices], out)
-        return
-    if module.startswith("torch.utils.data") and kind == "ConcatDataset":
+def record_key(dataset, index: int) -> Hashable:
+    """What record ``index`` of a leaf data set *is*, so that two data set objects over the same
+    images give equal keys.
+
+    A data set that knows its records defines ``record_key(index)`` (our data sets: the image
+    file's real path, or the generator's seed, split and index); a ``TensorDataset`` record is
+    the memory of its first tensor's row; anything else is ``(id(dataset), index)`` -- then only
+    repetitions of the same object are seen.  Copies of the pixels (``x.clone()``, a flipped
+    copy saved to other files) are other records to any key: see the README's "What no check
+    can see"."""
+    own = getattr(dataset, "record_key", None)
+    if callable(own):
+        return own(index)
+    if _is_torch_data(dataset, "TensorDataset"):
+        rows = dataset.tensors[0]
+        return ("memory", rows.untyped_storage().data_ptr(),
+                rows.storage_offset() + int(index) * rows.stride(0))
+    return ("object", id(dataset), int(index))
+
+
+def _is_torch_data(dataset, kind: str) -> bool:
+    return type(dataset).__module__.startswith("torch.utils.data") and \
+        type(dataset).__name__ == kind
+
+
+def _records(dataset, indices):
+    """``(key, leaf data set, leaf index)`` of each of ``dataset[indices]``, through ``Subset``
+    and ``ConcatDataset`` down to the data sets underneath."""
+    if _is_torch_data(dataset, "Subset"):
+        yield from _records(dataset.dataset, [dataset.indices[i] for i in indices])
+    elif _is_torch_data(dataset, "ConcatDataset"):
         bounds = [0, *dataset.cumulative_sizes]
         for child, lo, hi in zip(dataset.datasets, bounds[:-1], bounds[1:]):
-            _records(child, [i - lo for i in indices if lo <= i < hi], out)
-        return
-    out.setdefault(id(dataset), (dataset, []))[1].extend(int(i) for i in indices)
+            yield from _records(child, [i - lo for i in indices if lo <= i < hi])
+    else:
+        for i in indices:
+            yield record_key(dataset, int(i)), dataset, int(i)
 
 
 def check_unique_records(dataset) -> None:
-    """Refuse a data set that holds one record several times (``ConcatDataset([ds, ds])``,
-    ``Subset(ds, idx * 2)``): the accountant's ``q = B / N`` and sensitivity ``2C`` assume that
-    every image is one of the ``N`` records; a repeated image enters a batch more often and can
-    enter it twice.  Custom wrappers are taken as they are (their index map is unknown)."""
-    found: dict = {}
-    _records(dataset, range(len(dataset)), found)
-    for base, indices in found.values():
-        counts: dict = {}
-        for i in indices:
-            counts[i] = counts.get(i, 0) + 1
-        repeated = next((i for i, c in counts.items() if c > 1), None)
-        if repeated is not None:
+    """Refuse a data set that holds one image in several records (``ConcatDataset([ds, ds])``,
+    ``Subset(ds, idx * 2)``, two data set objects over the same files or tensors, an
+    "augmented copy" of the same files): the accountant's ``q = B / N`` and sensitivity ``2C``
+    assume that every image is one of the ``N`` records; a repeated image enters a batch more
+    often and can enter it twice.  Records are compared by :func:`record_key`."""
+    seen: dict = {}
+    for key, base, i in _records(dataset, range(len(dataset))):
+        if key in seen:
+            (first, j) = seen[key]
             raise ValueError(
-                f"record {repeated} of {type(base).__name__} appears {counts[repeated]} times "
-                f"in the data set (a ConcatDataset of the same data set, or a Subset with "
-                f"repeated indices): the accountant's q = B/N and sensitivity 2C assume that "
-                f"each image is one record. Remove the repetition (for longer epochs use "
-                f"steps_per_epoch or more epochs), or protect the repeated records together "
-                f"with group privacy")
+                f"record {i} of {type(base).__name__} is record {j} of "
+                f"{type(first).__name__} again ({key!r}): a ConcatDataset of the same images "
+                f"(the same data set twice, or a transformed copy), or a Subset with repeated "
+                f"indices. The accountant's q = B/N and sensitivity 2C assume that each image "
+                f"is one record. Remove the repetition (augment inside the loader instead of "
+                f"copying; for longer epochs use steps_per_epoch or more epochs)")
+        seen[key] = (base, i)
+
+
+def shared_records(first, second, limit: int = 3) -> list:
+    """Up to ``limit`` :func:`record_key` values that are records of both data sets (e.g. a
+    validation split that holds training images)."""
+    keys = {key for key, _, _ in _records(first, range(len(first)))}
+    found = []
+    for key, _, _ in _records(second, range(len(second))):
+        if key in keys and len(found) < limit:
+            found.append(key)
+    return found
 
 
 def scan_image_sizes(dataset) -> list[tuple[int, int]]:

@@ -45,6 +45,7 @@ neighbour-pair audit (:mod:`patchdp_opacus.audit`) runs the real pipeline and ca
 
 from __future__ import annotations
 
+import collections
 import enum
 import functools
 import logging
@@ -54,6 +55,9 @@ import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any, Iterable
+
+import numpy as np
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -605,6 +609,93 @@ def inspect_collate(collate_fn, *, allow_unchecked: bool | Iterable[str] = False
     return report
 
 
+#: Random number generators: their state advances with every draw and depends on no pixel.
+_GENERATORS = ("Generator", "RandomState", "Random", "SystemRandom")
+#: Attributes that a library resets at the start of every call and reads only within it (a
+#: record of the last call), by library: albumentations' ``BasicTransform.params`` (read by
+#: the next call only in replay mode, which is then fingerprinted).
+_PER_CALL_RECORDS = {"albumentations": frozenset({"params"})}
+
+
+def _per_call_record(obj, key: str) -> bool:
+    return key in _PER_CALL_RECORDS.get(library_of(obj) or "", ()) and \
+        not getattr(obj, "replay_mode", False)
+
+
+def post_crop_state(transform) -> tuple:
+    """A fingerprint of the data a post-crop stage holds (attributes, closures, containers):
+    values of numbers and strings, ``(id, shape, version)`` of tensors (an in-place write bumps
+    the version), the bytes of numpy arrays.  Random generators are left out.  If a call
+    changes it, the stage carries state from one sample to the next (a running mean, a cache
+    of earlier crops) and a sample's output depends on other samples' crops."""
+    out: list = []
+    seen: set = set()
+
+    def visit(obj, where):
+        if id(obj) in seen:
+            return
+        if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+            out.append((where, obj))
+            return
+        seen.add(id(obj))
+        if type(obj).__name__ in _GENERATORS or isinstance(obj, (types.ModuleType, type)):
+            return
+        if isinstance(obj, torch.Tensor):
+            out.append((where, id(obj), tuple(obj.shape), obj._version))
+            return
+        if isinstance(obj, np.ndarray):
+            out.append((where, obj.shape, str(obj.dtype), obj.tobytes()))
+            return
+        if isinstance(obj, dict):
+            out.append((where, len(obj)))
+            for key, value in list(obj.items()):
+                visit(value, f"{where}[{key!r}]")
+            return
+        if isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
+            out.append((where, len(obj)))
+            for i, value in enumerate(obj if not isinstance(obj, (set, frozenset)) else ()):
+                visit(value, f"{where}[{i}]")
+            return
+        if isinstance(obj, functools.partial):
+            visit([obj.func, *obj.args, *obj.keywords.values()], f"{where}.partial")
+        attributes = getattr(obj, "__dict__", None)
+        for key, value in (list(attributes.items()) if isinstance(attributes, dict) else ()):
+            if not _per_call_record(obj, key):
+                visit(value, f"{where}.{key}")
+        for cls in type(obj).__mro__:
+            for key in _slot_names(cls):
+                if hasattr(obj, key):
+                    visit(getattr(obj, key), f"{where}.{key}")
+        for i, cell in enumerate(getattr(obj, "__closure__", None) or ()):
+            try:
+                visit(cell.cell_contents, f"{where}.<closure {i}>")
+            except ValueError:  # empty cell
+                pass
+
+    visit(transform, "post_crop_transform")
+    return tuple(out)
+
+
+POST_CROP_CARRIES_STATE = ("the post-crop stage changed the data it holds while transforming a "
+                           "sample (a running mean, a cache or counter of earlier samples): "
+                           "later samples then depend on earlier crops, including crops that "
+                           "covered other images' private regions, which the accountant does "
+                           "not cover; make it a function of the sample alone (fixed "
+                           "statistics computed from public data)")
+
+
+def check_post_crop_state(transform, before: tuple) -> None:
+    """Raise :class:`TransformNotAllowedError` if ``transform``'s :func:`post_crop_state` is no
+    longer ``before``."""
+    after = post_crop_state(transform)
+    if after != before:
+        changed = next((a[0] for a, b in zip(after, before) if a != b),
+                       "post_crop_transform")
+        raise TransformNotAllowedError(f"{changed}: {POST_CROP_CARRIES_STATE}",
+                                       name=qualified_name(transform), where=changed,
+                                       verdict=DENY, reason=POST_CROP_CARRIES_STATE)
+
+
 POST_CROP_READS_DATA = ("the post-crop stage holds a data set or loader: it can paste pixels of "
                         "other (uncropped) images into a sample, so a sample no longer depends "
                         "on its own crop only; remove it (copy-paste/mosaic-style mixing is not "
@@ -635,14 +726,14 @@ def inspect_post_crop(transform) -> InspectionReport:
             raise TransformNotAllowedError(f"{where}: {qualified_name(obj)} mixes samples: "
                                            f"{MIXING}", name=qualified_name(obj), where=where,
                                            verdict=DENY, reason=MIXING)
+        if rule is not None and rule.verdict == CONTAINER:  # (albumentations' are indexable)
+            for i, child in enumerate(_children(obj)):
+                visit(child, f"{where}.transforms[{i}]")
+            return
         if _is_dataset(obj) or type(obj).__name__ == "DataLoader":
             raise TransformNotAllowedError(f"{where}: {POST_CROP_READS_DATA}",
                                            name=qualified_name(obj), where=where, verdict=DENY,
                                            reason=POST_CROP_READS_DATA)
-        if rule is not None and rule.verdict == CONTAINER:
-            for i, child in enumerate(_children(obj)):
-                visit(child, f"{where}.transforms[{i}]")
-            return
         if isinstance(obj, functools.partial):
             visit([obj.func, *obj.args, *obj.keywords.values()], f"{where}.partial")
         attributes = getattr(obj, "__dict__", None)

@@ -12,6 +12,7 @@ and ``image_sizes`` (the set of sizes present), both known without decoding pixe
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -64,6 +65,15 @@ class ClassificationDataset(Dataset):
     def image_sizes(self) -> set[tuple[int, int]]:
         """Set of (height, width) sizes present in the dataset."""
         return set(self._sizes)
+
+    def record_key(self, index: int) -> tuple:
+        """What sample ``index`` is, for the loader's check that no image is two records
+        (``patchdp_opacus.plugin.loader.record_key``): the real path of its image file when the
+        subclass keeps them in ``self.paths``, else this object and the index."""
+        paths = getattr(self, "paths", None)
+        if paths is None:
+            return ("object", id(self), int(index))
+        return ("file", os.path.realpath(paths[index]))
 
     def _load_image(self, index: int) -> torch.Tensor:
         raise NotImplementedError

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -116,17 +117,25 @@ class MNIST(ClassificationDataset):
                              f"releases, or train and t10k files swapped)")
         if labels.size and labels.max() > 9:
             raise ValueError(f"{label_path}: labels must be digits 0..9, found {int(labels.max())}")
+        first = 0  # row in the idx file of this split's first image
         if split != "test":
             if not 0 <= val_size < len(images):
                 raise ValueError(f"val_size must be in [0, {len(images)}), got {val_size}")
             cut = len(images) - val_size
+            first = cut if split == "val" else 0
             images, labels = (images[:cut], labels[:cut]) if split == "train" else \
                 (images[cut:], labels[cut:])
         self.split = split
+        self._file = os.path.realpath(image_path)
+        self._first = first
         self._images = images
         self._labels = [int(v) for v in labels]
         self._sizes = [tuple(images.shape[1:])] * len(images)
         logger.info("MNIST %s: %d images from %s", split, len(images), image_path)
+
+    def record_key(self, index: int) -> tuple:
+        """The image's row in its idx file (train and val are two ranges of one file)."""
+        return ("file", self._file, self._first + int(index))
 
     def _load_image(self, index: int) -> torch.Tensor:
         return torch.from_numpy(np.array(self._images[index], copy=True)).unsqueeze(0)

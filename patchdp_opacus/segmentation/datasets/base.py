@@ -15,6 +15,7 @@ both computed without decoding pixels.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -92,6 +93,15 @@ class SegmentationDataset(Dataset):
     def image_sizes(self) -> set[tuple[int, int]]:
         """Set of (height, width) sizes present in the dataset."""
         return set(self._sizes)
+
+    def record_key(self, index: int) -> tuple:
+        """What sample ``index`` is, for the loader's check that no image is two records
+        (``patchdp_opacus.plugin.loader.record_key``): the real path of its image file when the
+        subclass keeps them in ``self.images``, else this object and the index."""
+        images = getattr(self, "images", None)
+        if images is None:
+            return ("object", id(self), int(index))
+        return ("file", os.path.realpath(images[index]))
 
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

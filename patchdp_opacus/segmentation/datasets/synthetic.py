@@ -299,6 +299,11 @@ class SyntheticStreetScenes(SegmentationDataset):
         image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
         return image, mask
 
+    def record_key(self, index: int) -> tuple:
+        """A scene is its (seed, split, index): two instances with those equal draw the same
+        scene (and the same private regions), whatever their other arguments."""
+        return ("synthetic", self.seed, self.split, int(index))
+
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.render(index)
         return image_to_tensor(image), torch.from_numpy(mask.astype(np.int64))
