@@ -200,19 +200,30 @@ def _base_dataset(dataset, index: int):
         dataset = inner
 
 
+#: Methods that decode one record without its transform, by the package's data sets:
+#: segmentation ``_load(index) -> (image, mask)``, classification ``_load_image(index) ->
+#: image``.
+RAW_LOADERS = ("_load", "_load_image")
+
+
+def _raw_loader(dataset) -> str | None:
+    return next((name for name in RAW_LOADERS if callable(getattr(dataset, name, None))), None)
+
+
 def _can_inject(dataset) -> bool:
-    return callable(getattr(dataset, "_load", None)) or callable(getattr(dataset, "loader", None))
+    return _raw_loader(dataset) is not None or callable(getattr(dataset, "loader", None))
 
 
 @contextlib.contextmanager
 def inject_raw_image(dataset, index: int, image) -> Iterator[None]:
     """While active, record ``index`` of ``dataset`` decodes to ``image`` (its label/mask is
-    kept).  Supported: the package's datasets (``_load(index) -> (image, mask)``) and
-    torchvision folder datasets (``loader(path) -> image``); the override is an instance
-    attribute, removed on exit."""
+    kept).  Supported: the package's datasets (:data:`RAW_LOADERS`) and torchvision folder
+    datasets (``loader(path) -> image``); the override is an instance attribute, removed on
+    exit."""
     base, i = _base_dataset(dataset, index)
-    if callable(getattr(base, "_load", None)):
-        original, own = base._load, "_load" in vars(base)
+    name = _raw_loader(base)
+    if name is not None:
+        original, own = getattr(base, name), name in vars(base)
 
         def load(j):
             raw = original(j)
@@ -220,14 +231,14 @@ def inject_raw_image(dataset, index: int, image) -> Iterator[None]:
                 return raw
             return (image, *raw[1:]) if isinstance(raw, tuple) else image
 
-        base._load = load
+        setattr(base, name, load)
         try:
             yield
         finally:
             if own:
-                base._load = original
+                setattr(base, name, original)
             else:
-                del base._load
+                delattr(base, name)
         return
     if callable(getattr(base, "loader", None)):
         original = base.loader
@@ -244,14 +255,16 @@ def inject_raw_image(dataset, index: int, image) -> Iterator[None]:
         return
     raise AuditError(
         f"cannot inject neighbour images into {type(base).__name__}: the audit needs a "
-        f"`_load(index) -> (image, mask)` method (as the package's datasets have) or a "
-        f"torchvision-style `loader(path)` attribute; give your dataset one of them")
+        f"`_load(index) -> (image, mask)` or `_load_image(index) -> image` method (as the "
+        f"package's datasets have) or a torchvision-style `loader(path)` attribute; give your "
+        f"dataset one of them")
 
 
 def _raw_image(dataset, index: int):
     base, i = _base_dataset(dataset, index)
-    if callable(getattr(base, "_load", None)):
-        raw = base._load(i)
+    name = _raw_loader(base)
+    if name is not None:
+        raw = getattr(base, name)(i)
         return raw[0] if isinstance(raw, tuple) else raw
     if callable(getattr(base, "loader", None)) and hasattr(base, "samples"):
         return base.loader(base.samples[i][0])

@@ -77,3 +77,18 @@ def test_augment_items_build_and_bad_items_are_config_errors():
     cfg["privacy"]["post_crop_transforms"] = [{"tv.NoSuchThing": {}}]
     with pytest.raises(ConfigError, match="privacy.post_crop_transforms"):
         config_from_dict(cfg)
+
+
+def test_a_classification_config_is_audited(tmp_path, capsys):
+    """The classification data sets decode through ``_load_image`` (no mask): the audit injects
+    its neighbour pairs there, and the MNIST config passes."""
+    from pathlib import Path
+
+    from classification_data import write_mnist
+
+    root = write_mnist(tmp_path / "mnist", n_train=32, n_test=8)
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "mnist" / "resnet18.yaml")
+    code, report = _audit(config, capsys, "--data-root", str(root), "--train-steps", "0",
+                          "--set", "dataset.train.val_size=8", "--set", "dataset.val.val_size=8")
+    assert code == 0 and report["verdict"] == "pass", report["table"]
+    assert report["inspection_refusal"] is None

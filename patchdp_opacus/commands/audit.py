@@ -44,6 +44,7 @@ def cmd_audit(args) -> int:
         raise UsageError(f"--trials {args.trials}: must be at least 1")
     if not 0 < args.confidence < 1:
         raise UsageError(f"--confidence {args.confidence}: must lie strictly between 0 and 1")
+    from patchdp_opacus.audit import AuditError
     from patchdp_opacus.commands.training import _config_error, _load_cfg
     from patchdp_opacus.segmentation.config import ConfigError
 
@@ -55,6 +56,8 @@ def cmd_audit(args) -> int:
         raise UsageError(f"data: {exc} (set dataset.root in --config or --data-root)") from None
     except ConfigError as exc:
         raise _config_error(args, exc, items) from None
+    except AuditError as exc:
+        raise UsageError(f"audit: {exc}") from None
     if args.json:
         import json
 
