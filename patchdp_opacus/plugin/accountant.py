@@ -73,6 +73,9 @@ class PatchPLDAccountant(IAccountant):
         self.history = []  # [(noise_multiplier, sample_rate, steps)], read lazily
         self.spec = spec
         self.discretization = float(discretization)
+        #: callables run before the history is read (the engine's check that the model changed
+        #: only through the DP steps this history counts); each raises if the claim is void
+        self.reading_checks: list[Callable[[], None]] = []
 
     @classmethod
     def mechanism(cls) -> str:
@@ -109,6 +112,8 @@ class PatchPLDAccountant(IAccountant):
         return amplification(self.spec, level)
 
     def _runs(self, level: str, inclusion_probability: Optional[float]):
+        for check in self.reading_checks:
+            check()
         if inclusion_probability is not None and level == "patch":
             p = float(inclusion_probability)
         else:

@@ -380,6 +380,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
             guard=True, noise_source=noise, **kwargs)
         # hooks on the module the user holds (reached through the wrapper and directly)
         self.integrity = ModuleIntegrity(module.module if distributed else module)
+        self.accountant.reading_checks[:] = [self.integrity.check_unchanged]
         dp_optimizer.attach_guard(
             batch_size=local_batch, sampler=loader.batch_sampler,
             rows=self._rows_function(grad_sample_mode, wrapped), integrity=self.integrity,
@@ -494,8 +495,6 @@ class PrivacyEngine(opacus.PrivacyEngine):
         ``level="record"`` (p = 1, same steps), refused when the model changed outside the DP
         step since the last one (the epsilon would not cover the model).  Opacus mode: Opacus'
         epsilon (record-level add/remove); ``level="patch"`` raises there."""
-        if self.integrity is not None:
-            self.integrity.check_unchanged()
         if not isinstance(self.accountant, PatchPLDAccountant):
             if level == "patch":
                 raise ValueError(
@@ -570,6 +569,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
         hold the model before its release: private artefacts.  No random-generator state of
         the noise or of secret sampling is stored; a seeded loader's state is (it is known to
         whoever knows the seed), so that a resumed run draws the batches it would have."""
+        if self.integrity is not None:
+            self.integrity.check_unchanged()  # the saved model is the one the claim covers
         checkpoint_dict = dict(checkpoint_dict or {})
         loader = self.data_loader
         sampler = getattr(loader, "batch_sampler", None)

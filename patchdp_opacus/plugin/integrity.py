@@ -110,32 +110,34 @@ def mixing_modules(module: nn.Module) -> list[tuple[str, str]]:
     return out
 
 
-def _state_snapshot(module: nn.Module, *, trainable: bool = False) -> dict:
-    """``{name: (sum, 2-norm)}`` of every buffer and frozen parameter (and, with
-    ``trainable``, of every trainable parameter too, plus the set of trainable names) -- state
-    that may change only through the DP step.  An in-place write, a write through ``.data``
-    (no version bump) and a reassignment each change an entry.  Sums and norms are reduced on
-    the tensors' devices in float64 and fetched with one transfer per device; NaN counts as
-    equal to NaN."""
+def _written_state(module: nn.Module) -> dict:
+    """``{name: (identity, version)}`` of every buffer and frozen parameter: the cheap record
+    a training forward pass must leave unchanged (an in-place write bumps the version, a
+    reassignment changes the identity; a write through ``.data`` is caught by the full
+    comparison at the next step, :class:`ModuleIntegrity`)."""
     named = [(f"buffer {n}", b) for n, b in module.named_buffers() if b is not None]
-    named += [(f"parameter {n}", p) for n, p in module.named_parameters()
-              if trainable or not p.requires_grad]
-    by_device: dict = {}
-    with torch.no_grad():
-        for i, (_, t) in enumerate(named):
-            total = t.sum(dtype=torch.float64)
-            norm = torch.linalg.vector_norm(t, dtype=torch.float64) \
-                if t.is_floating_point() or t.is_complex() else total
-            by_device.setdefault(t.device, []).append((i, torch.stack([total, norm.real])))
-    stats = [None] * len(named)
-    for items in by_device.values():
-        values = torch.stack([v for _, v in items]).cpu().tolist()
-        for (i, _), v in zip(items, values):
-            stats[i] = tuple("nan" if x != x else x for x in v)  # NaN == NaN for this check
-    state = {name: stats[i] for i, (name, _) in enumerate(named)}
-    if trainable:
-        state["which parameters are trainable"] = frozenset(
-            n for n, p in module.named_parameters() if p.requires_grad)
+    named += [(f"parameter {n}", p) for n, p in module.named_parameters() if not p.requires_grad]
+    return {name: (id(t), t._version) for name, t in named}
+
+
+#: Integer dtypes of each element size: tensors are compared bit for bit through them (NaN
+#: equals the same NaN, -inf equals -inf, -0.0 differs from 0.0).
+_BIT_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.dtype == torch.bool:
+        return t
+    return t.view(_BIT_DTYPES[t.element_size()])
+
+
+def _model_state(module: nn.Module) -> dict:
+    """Every parameter and buffer of ``module`` by name (the tensors themselves)."""
+    state = {f"buffer {n}": b for n, b in module.named_buffers() if b is not None}
+    state.update((f"parameter {n}", p) for n, p in module.named_parameters())
     return state
 
 
@@ -153,18 +155,22 @@ class ModuleIntegrity:
     record the batch sizes the model was called with (the guard compares them with the
     per-sample gradient rows at the next step).
 
-    The *reference* is the model's whole state (every parameter and buffer: contents, and which
+    The *reference* is a copy of the model's whole state (every parameter and buffer, and which
     parameters are trainable), taken when the engine made the model private and after every
-    optimizer step.  At each training forward, and when the engine reads epsilon, the state must
-    still equal it: an update by another optimizer, a parameter unfrozen later, running
-    statistics or prototypes written by the training loop between steps, all released with the
-    model without noise, raise instead."""
+    DP step.  At the start of every optimizer step, and whenever the claim is read or saved
+    (``get_epsilon``, the accountant's ``get_epsilon``, ``privacy_report``,
+    ``save_checkpoint``), the state must still equal it bit for bit: an update by another
+    optimizer, a parameter unfrozen later, running statistics, EMAs or prototypes written by
+    the training loop, a data-dependent reordering of weights -- all released with the model
+    without noise -- raise instead.  The copy costs the memory of the parameters and buffers
+    once more; each comparison reads both (one transfer of a flag per device)."""
 
     def __init__(self, module: nn.Module):
         self.module = module
         self.input_rows: list[int] = []
-        self._before: Optional[dict] = None
+        self._written: Optional[dict] = None
         self.reference: Optional[dict] = None
+        self.trainable: frozenset = frozenset()
         self._handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True),
                          module.register_forward_hook(self._post, with_kwargs=True)]
         self.take_reference()
@@ -174,26 +180,57 @@ class ModuleIntegrity:
 
     def take_reference(self) -> None:
         """The state after a DP step (or at make_private, or after a checkpoint load)."""
-        self.reference = _state_snapshot(self.module, trainable=True)
+        state, old = _model_state(self.module), self.reference or {}
+        with torch.no_grad():
+            self.reference = {}
+            for name, t in state.items():
+                ref = old.get(name)
+                if ref is not None and ref.shape == t.shape and ref.dtype == t.dtype \
+                        and ref.device == t.device:
+                    self.reference[name] = ref.copy_(t.detach())
+                else:
+                    self.reference[name] = t.detach().clone()
+        self.trainable = frozenset(n for n, p in self.module.named_parameters()
+                                   if p.requires_grad)
+
+    def changed(self) -> list[str]:
+        """Names of the parameters and buffers that differ from the reference."""
+        if self.reference is None:
+            return []
+        state = _model_state(self.module)
+        out = sorted(state.keys() ^ self.reference.keys())
+        if frozenset(n for n, p in self.module.named_parameters() if p.requires_grad) \
+                != self.trainable:
+            out.append("which parameters are trainable")
+        by_device: dict = {}
+        with torch.no_grad():
+            for name in state.keys() & self.reference.keys():
+                now, ref = state[name], self.reference[name]
+                if now.shape != ref.shape or now.dtype != ref.dtype or now.device != ref.device:
+                    out.append(name)
+                else:
+                    by_device.setdefault(now.device, []).append(
+                        (name, torch.ne(_bits(now), _bits(ref)).any()))
+        for items in by_device.values():
+            flags = torch.stack([flag for _, flag in items]).cpu().tolist()
+            out += [name for (name, _), flag in zip(items, flags) if flag]
+        return sorted(out)
 
     def check_unchanged(self) -> None:
         """Raise if the model changed since the last reference, other than by the DP step."""
-        if self.reference is None:
-            return
-        now = _state_snapshot(self.module, trainable=True)
-        changed = _changed(self.reference, now)
+        changed = self.changed()
         if changed:
             raise SampleMixingError(
                 f"the model changed outside the DP optimizer's step: {changed[:5]}. Whatever "
                 f"changes the model must go through the optimizer make_private returned "
                 f"(clipped, noised, accounted): not the original optimizer or a second one, not "
                 f"parameters unfrozen after make_private (call make_private again with them), "
-                f"not statistics written by the training loop. To resume, load checkpoints with "
-                f"engine.load_checkpoint")
+                f"not statistics or weights written by the training loop. To resume, load "
+                f"checkpoints with engine.load_checkpoint")
 
     def _pre(self, module, args, kwargs):
         if not self._active():
-            self._before = None
+            self._written = None
             return None
         mixing = mixing_modules(module)
         if mixing:
@@ -203,18 +240,18 @@ class ModuleIntegrity:
                 f"record-level DP-SGD need each sample's gradient to depend on that sample "
                 f"only; {_FROZEN_BN}. ({len(mixing)} such module(s): "
                 f"{[n for n, _ in mixing][:5]})")
-        self.check_unchanged()
-        self._before = self.reference
+        self._written = _written_state(module)
         rows = _batch_rows(args, kwargs)
         if rows is not None:
             self.input_rows.append(rows)
         return None
 
     def _post(self, module, args, kwargs, output):
-        before, self._before = self._before, None
+        before, self._written = self._written, None
         if before is None:
             return None
-        changed = _changed(before, _state_snapshot(module, trainable=True))
+        after = _written_state(module)
+        changed = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
         if changed:
             raise SampleMixingError(
                 f"{changed[0]!r} was written by a training-mode forward pass: it holds a "
@@ -225,31 +262,14 @@ class ModuleIntegrity:
         return None
 
     def pop_input_rows(self) -> Optional[int]:
-        rows, self.input_rows = self.input_rows, []
-        return sum(rows) if rows else None
+        rows = sum(self.input_rows) if self.input_rows else None
+        self.input_rows.clear()
+        return rows
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        for h in self._handles:
+            h.remove()
         self._handles = []
-
-
-def _same_stats(a, b) -> bool:
-    """Equal state entries; sums and norms up to 1e-9 of the tensor's norm (the same tensor
-    reduced on another device after ``model.to(...)`` may differ in the last bits)."""
-    if not (isinstance(a, tuple) and isinstance(b, tuple)):
-        return a == b
-    (sum_a, norm_a), (sum_b, norm_b) = a, b
-    if "nan" in (sum_a, norm_a, sum_b, norm_b):
-        return a == b
-    scale = 1e-9 * max(abs(norm_a), abs(norm_b), abs(sum_a), abs(sum_b), 1e-300)
-    return abs(sum_a - sum_b) <= scale and abs(norm_a - norm_b) <= scale
-
-
-def _changed(before: dict, after: dict) -> list[str]:
-    return sorted(name for name in before.keys() | after.keys()
-                  if name not in before or name not in after
-                  or not _same_stats(before[name], after[name]))
 
 
 def rows_from_grad_samples(optimizer) -> int:
@@ -345,10 +365,13 @@ class LogicalBatchGuard(NoiseSourceMixin):
         sampler.on_iteration_start.append(on_iteration_start)
 
     def step(self, closure=None):
-        out = super().step(closure)
         g = self._guard
-        if g is not None and g.integrity is not None:
-            g.integrity.take_reference()  # the DP step is the one allowed change
+        integrity = g.integrity if g is not None else None
+        if integrity is not None:
+            integrity.check_unchanged()  # nothing but this step may change the model
+        out = super().step(closure)
+        if integrity is not None and not getattr(self, "_is_last_step_skipped", False):
+            integrity.take_reference()  # the DP step is the one allowed change
         return out
 
     def signal_skip_step(self, do_skip=True):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import secrets
 import warnings
 import weakref
@@ -417,6 +418,19 @@ def record_key(dataset, index: int) -> Hashable:
         return ("memory", rows.untyped_storage().data_ptr(),
                 rows.storage_offset() + int(index) * rows.stride(0))
     return ("object", id(dataset), int(index))
+
+
+def file_record_key(dataset, files, index: int) -> tuple:
+    """The :func:`record_key` of a data set whose record ``index`` is the image file
+    ``files[index]``: the file itself, by device and inode (symlinks, hard links, other roots
+    name one file), or by real path where the file system has no inode numbers; without a file
+    list (``files`` None), the data set object and the index."""
+    if files is None:
+        return ("object", id(dataset), int(index))
+    stat = os.stat(files[index])
+    if stat.st_ino:
+        return ("file", stat.st_dev, stat.st_ino)
+    return ("file", os.path.realpath(files[index]))
 
 
 def _is_torch_data(dataset, kind: str) -> bool:

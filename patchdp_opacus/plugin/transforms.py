@@ -48,6 +48,7 @@ from __future__ import annotations
 import collections
 import enum
 import functools
+import hashlib
 import logging
 import os
 import random
@@ -471,16 +472,56 @@ def _children(obj) -> list:
     return list(getattr(obj, "transforms", None) or [])
 
 
+def _held(obj):
+    """``(where suffix, value)`` of everything ``obj`` holds: a partial's function and
+    arguments; a function's closure cells and default arguments; a bound method's object and
+    function; instance attributes, ``__slots__`` and class attributes of classes defined
+    outside the known libraries (a transform kept on the class is used like one on the
+    instance; methods and other code on the class are not data)."""
+    if isinstance(obj, functools.partial):
+        yield ".func", obj.func
+        yield ".args", [*obj.args, *obj.keywords.values()]
+    if isinstance(obj, types.MethodType):
+        yield ".__self__", obj.__self__
+        yield ".__func__", obj.__func__
+    if isinstance(obj, types.FunctionType):
+        for i, cell in enumerate(obj.__closure__ or ()):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            yield f".<closure {i}>", value
+        if obj.__defaults__:
+            yield ".__defaults__", obj.__defaults__
+        if obj.__kwdefaults__:
+            yield ".__kwdefaults__", obj.__kwdefaults__
+    attributes = getattr(obj, "__dict__", None)
+    attributes = attributes if isinstance(attributes, dict) else {}
+    yield from ((f".{key}", value) for key, value in list(attributes.items()))
+    for cls in type(obj).__mro__:
+        if _module_root(cls) in _NOT_WALKED_CLASS_ROOTS or cls is object:
+            continue
+        for key in _slot_names(cls):
+            if hasattr(obj, key):
+                yield f".{key}", getattr(obj, key)
+        for key, value in list(vars(cls).items()):
+            if key.startswith("__") or isinstance(value, _CODE_TYPES) or key in attributes:
+                continue  # code, or shadowed by the instance
+            yield f".{key} (class attribute)", value
+
+
 class _Walker:
     def __init__(self, override: _Override, report: InspectionReport):
         self.override = override
         self.report = report
         self.seen: set[int] = set()
+        self.kept: list = []  # visited objects stay alive: a freed temporary's id is reused
 
     def visit(self, obj, where: str) -> None:
         if _is_plain_data(obj) or id(obj) in self.seen:
             return
         self.seen.add(id(obj))
+        self.kept.append(obj)
         if isinstance(obj, dict):
             for key, value in obj.items():
                 self.visit(value, f"{where}[{key!r}]")
@@ -504,8 +545,7 @@ class _Walker:
             self.report._add(self.report.checked, name)
             return
         if isinstance(obj, functools.partial):
-            self.visit(obj.func, f"{where}.func")
-            self.visit(list(obj.args) + list(obj.keywords.values()), f"{where}.args")
+            self.visit_attributes(obj, where)
             return
         if _is_dataset(obj):
             self.visit_attributes(obj, where)
@@ -520,24 +560,9 @@ class _Walker:
             self.visit_attributes(obj, where)  # holder objects (namespaces, user classes)
 
     def visit_attributes(self, obj, where: str) -> None:
-        """Instance attributes, ``__slots__`` and class attributes (of classes defined outside
-        the known libraries: a transform kept on the class is used like one on the instance);
-        methods and other code on the class are not data and are skipped."""
-        attributes = getattr(obj, "__dict__", None)
-        for key, value in (attributes.items() if isinstance(attributes, dict) else ()):
-            self.visit(value, f"{where}.{key}")
-        for cls in type(obj).__mro__:
-            if _module_root(cls) in _NOT_WALKED_CLASS_ROOTS or cls is object:
-                continue
-            for key in _slot_names(cls):
-                if hasattr(obj, key):
-                    self.visit(getattr(obj, key), f"{where}.{key}")
-            for key, value in vars(cls).items():
-                if key.startswith("__") or isinstance(value, _CODE_TYPES):
-                    continue
-                if isinstance(attributes, dict) and key in attributes:
-                    continue  # shadowed by the instance
-                self.visit(value, f"{where}.{key} (class attribute)")
+        """Everything ``obj`` holds (:func:`_held`)."""
+        for suffix, value in _held(obj):
+            self.visit(value, f"{where}{suffix}")
 
     def _apply(self, obj, name: str, rule: Rule, where: str) -> None:
         if rule.verdict == CONTAINER:
@@ -622,55 +647,73 @@ def _per_call_record(obj, key: str) -> bool:
         not getattr(obj, "replay_mode", False)
 
 
+def _generator_state(obj) -> tuple:
+    """What a reseed changes but a draw does not: a torch generator's seed, a numpy
+    generator's seed sequence (reseeding numpy or Python generators in place through their
+    ``state`` / ``seed()`` is not seen)."""
+    if isinstance(obj, torch.Generator):
+        return ("torch generator", obj.initial_seed())
+    seed_seq = getattr(getattr(obj, "bit_generator", None), "seed_seq", None)
+    return ("generator", type(obj).__name__, getattr(seed_seq, "entropy", None),
+            tuple(getattr(seed_seq, "spawn_key", ())))
+
+
+def _tensor_digest(t: torch.Tensor) -> bytes:
+    data = t.detach().cpu().contiguous().reshape(-1)
+    return hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
+
+
 def post_crop_state(transform) -> tuple:
-    """A fingerprint of the data a post-crop stage holds (attributes, closures, containers):
-    values of numbers and strings, ``(id, shape, version)`` of tensors (an in-place write bumps
-    the version), the bytes of numpy arrays.  Random generators are left out.  If a call
-    changes it, the stage carries state from one sample to the next (a running mean, a cache
-    of earlier crops) and a sample's output depends on other samples' crops."""
+    """A fingerprint of the data a post-crop stage holds (everything :func:`_held` reaches,
+    and containers): values of numbers, numpy scalars and strings, digests of the bytes of
+    tensors and arrays, the seeds of random generators (not their state, which every draw
+    advances).  If a call changes it, the stage carries state from one sample to the next (a
+    running mean, a cache of earlier crops) and a sample's output depends on other samples'
+    crops."""
     out: list = []
     seen: set = set()
+    kept: list = []  # visited objects stay alive: a freed temporary's id is reused
 
     def visit(obj, where):
-        if id(obj) in seen:
-            return
         if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
             out.append((where, obj))
             return
+        if isinstance(obj, np.generic):
+            out.append((where, str(obj.dtype), obj.tobytes()))
+            return
+        if id(obj) in seen:
+            out.append((where, "seen"))
+            return
         seen.add(id(obj))
-        if type(obj).__name__ in _GENERATORS or isinstance(obj, (types.ModuleType, type)):
+        kept.append(obj)
+        if isinstance(obj, (types.ModuleType, type)):
+            return
+        if isinstance(obj, torch.Generator) or type(obj).__name__ in _GENERATORS:
+            out.append((where, id(obj), *_generator_state(obj)))
             return
         if isinstance(obj, torch.Tensor):
-            out.append((where, id(obj), tuple(obj.shape), obj._version))
+            out.append((where, tuple(obj.shape), str(obj.dtype), _tensor_digest(obj)))
             return
         if isinstance(obj, np.ndarray):
-            out.append((where, obj.shape, str(obj.dtype), obj.tobytes()))
+            out.append((where, obj.shape, str(obj.dtype),
+                        hashlib.blake2b(np.ascontiguousarray(obj).tobytes(),
+                                        digest_size=16).digest()))
             return
         if isinstance(obj, dict):
             out.append((where, len(obj)))
             for key, value in list(obj.items()):
+                visit(key, f"{where}.keys()")
                 visit(value, f"{where}[{key!r}]")
             return
         if isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
             out.append((where, len(obj)))
-            for i, value in enumerate(obj if not isinstance(obj, (set, frozenset)) else ()):
+            items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+            for i, value in enumerate(list(items)):
                 visit(value, f"{where}[{i}]")
             return
-        if isinstance(obj, functools.partial):
-            visit([obj.func, *obj.args, *obj.keywords.values()], f"{where}.partial")
-        attributes = getattr(obj, "__dict__", None)
-        for key, value in (list(attributes.items()) if isinstance(attributes, dict) else ()):
-            if not _per_call_record(obj, key):
-                visit(value, f"{where}.{key}")
-        for cls in type(obj).__mro__:
-            for key in _slot_names(cls):
-                if hasattr(obj, key):
-                    visit(getattr(obj, key), f"{where}.{key}")
-        for i, cell in enumerate(getattr(obj, "__closure__", None) or ()):
-            try:
-                visit(cell.cell_contents, f"{where}.<closure {i}>")
-            except ValueError:  # empty cell
-                pass
+        for suffix, value in _held(obj):
+            if not _per_call_record(obj, suffix[1:]):
+                visit(value, f"{where}{suffix}")
 
     visit(transform, "post_crop_transform")
     return tuple(out)
@@ -708,11 +751,13 @@ def inspect_post_crop(transform) -> InspectionReport:
     transform (MixUp, CutMix, Mosaic, ...) anywhere inside it."""
     report = InspectionReport()
     seen: set = set()
+    kept: list = []  # visited objects stay alive: a freed temporary's id is reused
 
     def visit(obj, where):
         if _is_plain_data(obj) or id(obj) in seen:
             return
         seen.add(id(obj))
+        kept.append(obj)
         if isinstance(obj, dict):
             for key, value in obj.items():
                 visit(value, f"{where}[{key!r}]")
@@ -734,17 +779,8 @@ def inspect_post_crop(transform) -> InspectionReport:
             raise TransformNotAllowedError(f"{where}: {POST_CROP_READS_DATA}",
                                            name=qualified_name(obj), where=where, verdict=DENY,
                                            reason=POST_CROP_READS_DATA)
-        if isinstance(obj, functools.partial):
-            visit([obj.func, *obj.args, *obj.keywords.values()], f"{where}.partial")
-        attributes = getattr(obj, "__dict__", None)
-        for key, value in (attributes.items() if isinstance(attributes, dict) else ()):
-            visit(value, f"{where}.{key}")
-        closure = getattr(obj, "__closure__", None) or ()
-        for i, cell in enumerate(closure):
-            try:
-                visit(cell.cell_contents, f"{where}.<closure {i}>")
-            except ValueError:  # empty cell
-                pass
+        for suffix, value in _held(obj):
+            visit(value, f"{where}{suffix}")
         report._add(report.checked, qualified_name(obj))
 
     visit(transform, "post_crop_transform")

@@ -12,11 +12,12 @@ and ``image_sizes`` (the set of sizes present), both known without decoding pixe
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
+
+from patchdp_opacus.plugin.loader import file_record_key
 
 __all__ = ["ClassificationDataset", "ImageTransform"]
 
@@ -67,13 +68,9 @@ class ClassificationDataset(Dataset):
         return set(self._sizes)
 
     def record_key(self, index: int) -> tuple:
-        """What sample ``index`` is, for the loader's check that no image is two records
-        (``patchdp_opacus.plugin.loader.record_key``): the real path of its image file when the
-        subclass keeps them in ``self.paths``, else this object and the index."""
-        paths = getattr(self, "paths", None)
-        if paths is None:
-            return ("object", id(self), int(index))
-        return ("file", os.path.realpath(paths[index]))
+        """What sample ``index`` is, for the loader's check that no image is two records: the
+        real path of its image file when the subclass keeps them in ``self.paths``."""
+        return file_record_key(self, getattr(self, "paths", None), index)
 
     def _load_image(self, index: int) -> torch.Tensor:
         raise NotImplementedError

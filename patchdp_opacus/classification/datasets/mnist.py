@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+
+from patchdp_opacus.plugin.loader import file_record_key
 
 from .base import ClassificationDataset, ImageTransform
 
@@ -126,7 +127,7 @@ class MNIST(ClassificationDataset):
             images, labels = (images[:cut], labels[:cut]) if split == "train" else \
                 (images[cut:], labels[cut:])
         self.split = split
-        self._file = os.path.realpath(image_path)
+        self._file = file_record_key(self, [image_path], 0)
         self._first = first
         self._images = images
         self._labels = [int(v) for v in labels]
@@ -135,7 +136,7 @@ class MNIST(ClassificationDataset):
 
     def record_key(self, index: int) -> tuple:
         """The image's row in its idx file (train and val are two ranges of one file)."""
-        return ("file", self._file, self._first + int(index))
+        return (*self._file, self._first + int(index))
 
     def _load_image(self, index: int) -> torch.Tensor:
         return torch.from_numpy(np.array(self._images[index], copy=True)).unsqueeze(0)

@@ -15,7 +15,6 @@ both computed without decoding pixels.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from patchdp_opacus.plugin.loader import file_record_key
 
 logger = logging.getLogger(__name__)
 
@@ -95,13 +96,9 @@ class SegmentationDataset(Dataset):
         return set(self._sizes)
 
     def record_key(self, index: int) -> tuple:
-        """What sample ``index`` is, for the loader's check that no image is two records
-        (``patchdp_opacus.plugin.loader.record_key``): the real path of its image file when the
-        subclass keeps them in ``self.images``, else this object and the index."""
-        images = getattr(self, "images", None)
-        if images is None:
-            return ("object", id(self), int(index))
-        return ("file", os.path.realpath(images[index]))
+        """What sample ``index`` is, for the loader's check that no image is two records: the
+        real path of its image file when the subclass keeps them in ``self.images``."""
+        return file_record_key(self, getattr(self, "images", None), index)
 
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
