@@ -37,6 +37,14 @@ def _private(model, *, mode="hooks", optimizer=None, **kw):
     return engine, out
 
 
+def _dp_pass(model, opt, loader):
+    """One pass of the plain DP loop over the returned loader."""
+    for x, y in loader:
+        opt.zero_grad()
+        per_image_ce()(model(x), y).backward()
+        opt.step()
+
+
 class _Prototypes(nn.Module):
     """Class prototypes kept as a frozen Parameter (saved with the model), written by the
     training loop from the private batch's features (as in round 2's test)."""
@@ -187,10 +195,7 @@ def test_a_constant_buffer_holding_inf_does_not_break_training():
     treat equal infinities as equal."""
     model = _MaskedLogits()
     engine, (dp_model, opt, loader) = _private(model)
-    for x, y in loader:
-        opt.zero_grad()
-        per_image_ce()(dp_model(x), y).backward()
-        opt.step()
+    _dp_pass(dp_model, opt, loader)
     assert len(engine.accountant) == len(loader)
 
 
@@ -201,10 +206,7 @@ def _trained_then_calibrated():
     torch.manual_seed(0)
     model = TinySegNet()
     engine, (gsm, opt, loader) = _private(model)
-    for x, y in loader:
-        opt.zero_grad()
-        per_image_ce()(gsm(x), y).backward()
-        opt.step()
+    _dp_pass(gsm, opt, loader)
     data = TinySegData(24, SIZE)
     with torch.no_grad():
         prior = torch.bincount(data.masks.reshape(-1), minlength=3).double() / data.masks.numel()
@@ -460,10 +462,7 @@ def test_controls_dp_loop_stateless_stages_and_refusals_that_work():
     torch.manual_seed(0)
     model = TinySegNet()
     engine, (gsm, opt, loader) = _private(model)
-    for x, y in loader:
-        opt.zero_grad()
-        per_image_ce()(gsm(x), y).backward()
-        opt.step()
+    _dp_pass(gsm, opt, loader)
     assert engine.get_epsilon(1e-3) > 0 and len(engine.accountant) == len(loader)
     from patchdp_opacus.plugin.loader import CropDPDataLoader
     from patchdp_opacus.plugin.transforms import TransformNotAllowedError
