@@ -537,3 +537,39 @@ def test_scale_and_resize_refusals_point_to_runnable_loader_owned_transforms():
         assert type(built) is getattr(geometric, expected), code
         pointed += 1
     assert pointed >= len(rows) + 3
+
+
+class _Rotator:
+    def __init__(self):
+        self.rotate = T.RandomRotation(45)
+
+    def apply(self, image):
+        return self.rotate(image)
+
+
+def _closure(rotate=T.RandomRotation(45)):
+    return lambda image: rotate(image)
+
+
+def _default(image, rotate=T.RandomRotation(45)):
+    return rotate(image)
+
+
+@pytest.mark.parametrize("transform", [_closure(), _default, _Rotator().apply],
+                         ids=["closure", "default-argument", "bound-method"])
+def test_a_refused_transform_is_found_inside_functions_even_when_they_are_allowed(transform):
+    """allow_unchecked=True accepts the unknown callable itself, not the known transforms it
+    holds in a closure, a default argument or the object of a bound method (the module it
+    closes over, numpy here, is not walked)."""
+    with pytest.raises(TransformNotAllowedError, match="RandomRotation"):
+        inspect_pipeline(transform, allow_unchecked=True)
+
+
+def test_a_module_held_by_a_closure_is_code_not_data():
+    def flipper():
+        import numpy as module
+
+        return lambda image: module.flip(image, -1)
+
+    report = inspect_pipeline(flipper(), allow_unchecked=True)
+    assert report.unchecked and not report.checked

@@ -422,7 +422,8 @@ def _refuse_or_record(name, where, verdict, reason, override: _Override, report)
 
 # --- the object-graph walk -------------------------------------------------------------------
 _DATA_TYPES: tuple = (type(None), bool, int, float, complex, str, bytes, bytearray, range,
-                      os.PathLike, enum.Enum, type, random.Random)
+                      os.PathLike, enum.Enum, type, random.Random,
+                      types.ModuleType)  # a module held by a closure or default: code
 _DATA_MODULES = ("numpy", "PIL", "pandas", "h5py", "pyarrow", "zarr", "lmdb")
 
 
