@@ -150,3 +150,33 @@ def test_post_crop_stages_that_remember_earlier_samples_are_refused(stage):
 ])
 def test_stateless_post_crop_stages_run(stage):
     assert _iterate(stage()) == 12
+
+
+class _Flipped(torch.utils.data.Dataset):
+    """A custom wrapper: the same images, mirrored (its index map is unknown to the loader)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, mask = self.dataset[i]
+        return image.flip(-1), mask.flip(-1)
+
+
+class _FlippedWithKey(_Flipped):
+    def record_key(self, i):
+        return record_key(self.dataset, i)
+
+
+def test_a_custom_wrapper_over_a_data_set_used_elsewhere_must_say_what_it_reads():
+    data = SyntheticStreetScenes(num_samples=4, image_size=(32, 64), seed=0)
+    with pytest.raises(ValueError, match="Define record_key"):
+        check_unique_records(ConcatDataset([data, _Flipped(data)]))
+    with pytest.raises(ValueError, match="is record 0 of SyntheticStreetScenes again"):
+        check_unique_records(ConcatDataset([data, _FlippedWithKey(data)]))
+    check_unique_records(_Flipped(data))   # a wrapper alone: its records are the wrapped ones
+    other = SyntheticStreetScenes(num_samples=4, image_size=(32, 64), seed=1)
+    check_unique_records(ConcatDataset([data, _Flipped(other)]))

@@ -459,7 +459,9 @@ def check_unique_records(dataset) -> None:
     assume that every image is one of the ``N`` records; a repeated image enters a batch more
     often and can enter it twice.  Records are compared by :func:`record_key`."""
     seen: dict = {}
+    leaves: dict = {}
     for key, base, i in _records(dataset, range(len(dataset))):
+        leaves[id(base)] = base
         if key in seen:
             (first, j) = seen[key]
             raise ValueError(
@@ -470,6 +472,46 @@ def check_unique_records(dataset) -> None:
                 f"is one record. Remove the repetition (augment inside the loader instead of "
                 f"copying; for longer epochs use steps_per_epoch or more epochs)")
         seen[key] = (base, i)
+    _check_wrappers(list(leaves.values()))
+
+
+def _inner_datasets(obj, depth: int = 3) -> list:
+    """The data sets an object holds in its attributes (and theirs, ``depth`` levels)."""
+    from torch.utils.data import Dataset
+
+    found = []
+    for value in (vars(obj).values() if hasattr(obj, "__dict__") else ()):
+        for item in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(item, Dataset):
+                found.append(item)
+                if depth > 1:
+                    found += _inner_datasets(item, depth - 1)
+    return found
+
+
+def _check_wrappers(leaves: list) -> None:
+    """A custom wrapper (no ``record_key``) whose records cannot be compared is refused when
+    it wraps a data set that another part of the same data set also reaches
+    (``ConcatDataset([ds, MyFlip(ds)])``): its index map is unknown, so the repetition
+    cannot be ruled out."""
+    reached: dict = {}
+    for leaf in leaves:
+        for inner in [leaf, *_inner_datasets(leaf)]:
+            reached.setdefault(id(inner), []).append(leaf)
+    for leaf in leaves:
+        if callable(getattr(leaf, "record_key", None)):
+            continue
+        for inner in _inner_datasets(leaf):
+            others = [o for o in reached.get(id(inner), []) if o is not leaf]
+            if others:
+                raise ValueError(
+                    f"{type(leaf).__name__} wraps a {type(inner).__name__} that another part of "
+                    f"the data set ({type(others[0]).__name__}) also holds: if both hand out "
+                    f"the same images, every such image is two records, which q = B/N and the "
+                    f"sensitivity 2C do not cover, and {type(leaf).__name__}'s index map is "
+                    f"unknown. Define record_key(i) on {type(leaf).__name__} (e.g. return "
+                    f"record_key(self.dataset, j) for the record j it reads) so that repeats "
+                    f"are checked, or remove the copy (augment inside the loader)")
 
 
 def shared_records(first, second, limit: int = 3) -> list:
