@@ -380,6 +380,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
             guard=True, noise_source=noise, **kwargs)
         # hooks on the module the user holds (reached through the wrapper and directly)
         self.integrity = ModuleIntegrity(module.module if distributed else module)
+        self.integrity.watch_optimizer(dp_optimizer.original_optimizer)
         self.accountant.reading_checks[:] = [self.integrity.check_unchanged]
         dp_optimizer.attach_guard(
             batch_size=local_batch, sampler=loader.batch_sampler,

@@ -42,6 +42,7 @@ reported as reproducible.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import secrets
@@ -134,6 +135,16 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BIT_DTYPES[t.element_size()])
 
 
+def _optimizer_state(optimizer) -> dict:
+    """Every entry of a torch optimizer's per-parameter state, by group and position."""
+    out = {}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            for key, value in optimizer.state.get(p, {}).items():
+                out[f"optimizer state [{g}][{i}][{key!r}]"] = value
+    return out
+
+
 def _model_state(module: nn.Module) -> dict:
     """Every parameter and buffer of ``module`` by name (the tensors themselves)."""
     state = {f"buffer {n}": b for n, b in module.named_buffers() if b is not None}
@@ -167,6 +178,7 @@ class ModuleIntegrity:
 
     def __init__(self, module: nn.Module):
         self.module = module
+        self.optimizer = None  # its state is part of the reference once watched
         self.input_rows: list[int] = []
         self._written: Optional[dict] = None
         self.reference: Optional[dict] = None
@@ -178,15 +190,30 @@ class ModuleIntegrity:
     def _active(self) -> bool:
         return self.module.training and torch.is_grad_enabled()
 
+    def watch_optimizer(self, optimizer) -> None:
+        """Add the state of ``optimizer`` (the DP optimizer's inner torch optimizer: momentum
+        buffers, Adam moments, step counts) to the reference: state planted between steps is
+        released by the next DP step's update without noise."""
+        self.optimizer = optimizer
+        self.take_reference()
+
+    def _state(self) -> dict:
+        state = _model_state(self.module)
+        if self.optimizer is not None:
+            state.update(_optimizer_state(self.optimizer))
+        return state
+
     def take_reference(self) -> None:
         """The state after a DP step (or at make_private, or after a checkpoint load)."""
-        state, old = _model_state(self.module), self.reference or {}
+        state, old = self._state(), self.reference or {}
         with torch.no_grad():
             self.reference = {}
             for name, t in state.items():
                 ref = old.get(name)
-                if ref is not None and ref.shape == t.shape and ref.dtype == t.dtype \
-                        and ref.device == t.device:
+                if not isinstance(t, torch.Tensor):
+                    self.reference[name] = copy.deepcopy(t)
+                elif isinstance(ref, torch.Tensor) and ref.shape == t.shape \
+                        and ref.dtype == t.dtype and ref.device == t.device:
                     self.reference[name] = ref.copy_(t.detach())
                 else:
                     self.reference[name] = t.detach().clone()
@@ -197,7 +224,7 @@ class ModuleIntegrity:
         """Names of the parameters and buffers that differ from the reference."""
         if self.reference is None:
             return []
-        state = _model_state(self.module)
+        state = self._state()
         out = sorted(state.keys() ^ self.reference.keys())
         if frozenset(n for n, p in self.module.named_parameters() if p.requires_grad) \
                 != self.trainable:
@@ -206,7 +233,10 @@ class ModuleIntegrity:
         with torch.no_grad():
             for name in state.keys() & self.reference.keys():
                 now, ref = state[name], self.reference[name]
-                if now.shape != ref.shape or now.dtype != ref.dtype or now.device != ref.device:
+                if not isinstance(now, torch.Tensor) or not isinstance(ref, torch.Tensor):
+                    if type(now) is not type(ref) or now != ref:
+                        out.append(name)
+                elif now.shape != ref.shape or now.dtype != ref.dtype or now.device != ref.device:
                     out.append(name)
                 else:
                     by_device.setdefault(now.device, []).append(
@@ -270,6 +300,13 @@ class ModuleIntegrity:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _global_step_hooks(kind: str) -> dict:
+    from torch.optim import optimizer as torch_optimizer
+
+    name = "_global_optimizer_pre_hooks" if kind == "pre" else "_global_optimizer_post_hooks"
+    return getattr(torch_optimizer, name, {}) or {}
 
 
 def rows_from_grad_samples(optimizer) -> int:
@@ -367,12 +404,45 @@ class LogicalBatchGuard(NoiseSourceMixin):
     def step(self, closure=None):
         g = self._guard
         integrity = g.integrity if g is not None else None
-        if integrity is not None:
-            integrity.check_unchanged()  # nothing but this step may change the model
-        out = super().step(closure)
-        if integrity is not None and not getattr(self, "_is_last_step_skipped", False):
+        if integrity is None:
+            return super().step(closure)
+        loss = None
+        if closure is not None:  # before the check: a closure may change anything
+            with torch.enable_grad():
+                loss = closure()
+        integrity.check_unchanged()  # nothing but this step may change the model
+        self._check_only_dp_updates()
+        out = super().step(None)
+        if not getattr(self, "_is_last_step_skipped", False):
             integrity.take_reference()  # the DP step is the one allowed change
-        return out
+        return loss if closure is not None else out
+
+    def _check_only_dp_updates(self) -> None:
+        """The inner optimizer's step may apply only the noised gradients of the parameters
+        the DP optimizer clips: a ``.grad`` on another parameter of its groups (a frozen one,
+        which torch's optimizers still update) and step hooks (which run inside the step) are
+        refused."""
+        inner = self.original_optimizer
+        clipped = {id(p) for p in self.params}
+        foreign = [i for group in inner.param_groups for i, p in enumerate(group["params"])
+                   if p.grad is not None and id(p) not in clipped]
+        if foreign:
+            raise SampleMixingError(
+                f"{len(foreign)} parameter(s) of the optimizer that the DP optimizer does not "
+                f"clip (frozen: requires_grad=False) have a .grad: the optimizer's step would "
+                f"apply it without clipping or noise. Do not set .grad on frozen parameters "
+                f"(set it to None), or make them trainable before make_private")
+        hooks = [(where, len(table)) for where, table in (
+            ("the optimizer's step pre-hooks", getattr(inner, "_optimizer_step_pre_hooks", {})),
+            ("the optimizer's step post-hooks", getattr(inner, "_optimizer_step_post_hooks", {})),
+            ("torch's global optimizer pre-hooks", _global_step_hooks("pre")),
+            ("torch's global optimizer post-hooks", _global_step_hooks("post"))) if table]
+        if hooks:
+            raise SampleMixingError(
+                f"step hooks run inside the DP optimizer's step ({hooks}): whatever they change "
+                f"would be taken for the noisy update. Remove them (register_step_post_hook, "
+                f"register_optimizer_step_post_hook); use optimizer.attach_step_hook only to "
+                f"read, or act after optimizer.step() returns")
 
     def signal_skip_step(self, do_skip=True):
         g = self._guard

@@ -473,6 +473,15 @@ def _children(obj) -> list:
     return list(getattr(obj, "transforms", None) or [])
 
 
+def _global_names(code: types.CodeType) -> list[str]:
+    """Names a function's code (and the code nested in it) may read from its module."""
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names += _global_names(const)
+    return list(dict.fromkeys(names))
+
+
 def _held(obj):
     """``(where suffix, value)`` of everything ``obj`` holds: a partial's function and
     arguments; a function's closure cells and default arguments; a bound method's object and
@@ -496,6 +505,13 @@ def _held(obj):
             yield ".__defaults__", obj.__defaults__
         if obj.__kwdefaults__:
             yield ".__kwdefaults__", obj.__kwdefaults__
+        module = (obj.__module__ or "").split(".")[0].lstrip("_")
+        if module not in _NOT_WALKED_CLASS_ROOTS:  # the user's own functions
+            for name in _global_names(obj.__code__):
+                value = obj.__globals__.get(name)
+                if not isinstance(value, (types.ModuleType, type, types.FunctionType,
+                                          types.BuiltinFunctionType)) and name in obj.__globals__:
+                    yield f".<global {name}>", value
     attributes = getattr(obj, "__dict__", None)
     attributes = attributes if isinstance(attributes, dict) else {}
     yield from ((f".{key}", value) for key, value in list(attributes.items()))
