@@ -393,7 +393,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
             account(optim)
             self._check_budget()
 
-        dp_optimizer.attach_step_hook(step_hook)
+        dp_optimizer.attach_accounting_hook(step_hook)
         self.data_loader = loader
         logger.info("patch-level DP-SGD: q=%.6g p=%.6g (%s) w=q*p=%.6g z=%.6g C=%s; noise: %s; "
                     "sampling: %s", loader.sample_rate, loader.inclusion_probability,

@@ -26,7 +26,7 @@ from opacus.utils.fast_gradient_clipping_utils import (
     DPTensorFastGradientClipping,
 )
 
-from patchdp_opacus.plugin.integrity import PerSampleIntegrityError
+from patchdp_opacus.plugin.integrity import CLIPPED_GRADS, PerSampleIntegrityError
 
 TOKEN = "_patchdp_ghost_rows"
 
@@ -86,6 +86,10 @@ class CheckedDPTensor(DPTensorFastGradientClipping):
         rows = int(self.loss_per_sample.shape[0])
         super().backward()
         setattr(self.optimizer, TOKEN, getattr(self.optimizer, TOKEN, 0) + rows)
+        # p.grad is now the clipped sum the step will noise: the step checks it is unchanged
+        setattr(self.optimizer, CLIPPED_GRADS,
+                {id(p): None if p.grad is None else p.grad.detach().clone()
+                 for p in self.optimizer.params})
 
 
 class CheckedDPLoss(DPLossFastGradientClipping):

@@ -302,6 +302,36 @@ class ModuleIntegrity:
         self._handles = []
 
 
+#: Attribute of a ghost-mode optimizer: ``{id(p): copy of p.grad}`` right after the checked
+#: clipping backward (:mod:`patchdp_opacus.plugin.ghost`), where ``p.grad`` *is* the clipped sum
+#: that the optimizer will noise.
+CLIPPED_GRADS = "_patchdp_clipped_grads"
+
+
+def check_clipped_grads(optimizer) -> None:
+    """Ghost mode: the ``.grad`` the step noises must be the clipping backward's, bit for bit
+    (not scaled or replaced between backward and step), and no tensor hook on a trainable
+    parameter may have rewritten it during the backward."""
+    clipped = getattr(optimizer, CLIPPED_GRADS, None)
+    if clipped is None:
+        return
+    hooked = [i for i, p in enumerate(optimizer.params)
+              if getattr(p, "_backward_hooks", None) or
+              getattr(p, "_post_accumulate_grad_hooks", None)]
+    changed = [i for i, p in enumerate(optimizer.params)
+               if (p.grad is None) != (clipped.get(id(p)) is None) or
+               (p.grad is not None and
+                torch.ne(_bits(p.grad), _bits(clipped[id(p)])).any().item())]
+    if hooked or changed:
+        raise PerSampleIntegrityError(
+            f"ghost mode: the gradient of {len(hooked or changed)} parameter(s) is not the "
+            f"per-sample-clipped sum of the criterion's backward ("
+            + ("tensor hooks on the parameters rewrite it" if hooked else
+               "it was changed between backward and step")
+            + "): the step would noise an unclipped gradient. Remove parameter hooks and do not "
+              "touch .grad between loss.backward() and optimizer.step()")
+
+
 def _global_step_hooks(kind: str) -> dict:
     from torch.optim import optimizer as torch_optimizer
 
@@ -401,28 +431,72 @@ class LogicalBatchGuard(NoiseSourceMixin):
 
         sampler.on_iteration_start.append(on_iteration_start)
 
-    def step(self, closure=None):
+    # The accountant's hook is the engine's and always runs; ``attach_step_hook`` (Opacus'
+    # API) adds the user's hook after it instead of replacing it.
+    @property
+    def step_hook(self):
+        engine, user = self.__dict__.get("_accounting_hook"), self.__dict__.get("_user_hook")
+        if engine is None or user is None:
+            return engine or user
+
+        def both(optimizer):
+            engine(optimizer)
+            user(optimizer)
+
+        return both
+
+    @step_hook.setter
+    def step_hook(self, fn) -> None:
+        self.__dict__["_user_hook"] = fn
+
+    def attach_accounting_hook(self, fn: Callable) -> None:
+        """The engine's step hook (charges the accountant): runs first at every noisy step,
+        whatever hook the user attaches, and once (a user hook that chains the hook it read
+        from ``step_hook`` calls it a second time)."""
+        def once(optimizer):
+            if not self.__dict__.get("_accounted"):
+                self.__dict__["_accounted"] = True
+                fn(optimizer)
+
+        self.__dict__["_accounting_hook"] = once
+
+    def pre_step(self, closure=None):
+        self.__dict__["_accounted"] = False
         g = self._guard
         integrity = g.integrity if g is not None else None
-        if integrity is None:
-            return super().step(closure)
-        loss = None
-        if closure is not None:  # before the check: a closure may change anything
-            with torch.enable_grad():
-                loss = closure()
-        integrity.check_unchanged()  # nothing but this step may change the model
-        self._check_only_dp_updates()
-        out = super().step(None)
-        if not getattr(self, "_is_last_step_skipped", False):
-            integrity.take_reference()  # the DP step is the one allowed change
-        return loss if closure is not None else out
+        if integrity is not None:
+            check_clipped_grads(self)
+        proceed = super().pre_step(closure)
+        if proceed and integrity is not None:  # after the closure and every step hook
+            if self.original_optimizer is not integrity.optimizer:
+                raise SampleMixingError(
+                    "the DP optimizer's original_optimizer was replaced after make_private: its "
+                    "state and step are not the ones the engine checks. Keep the optimizer "
+                    "make_private was given")
+            integrity.check_unchanged()  # nothing but this step may change the model
+            self._check_only_dp_updates()
+        return proceed
+
+    def step(self, closure=None):
+        g = self._guard
+        out = super().step(closure)
+        if g is not None and g.integrity is not None \
+                and not getattr(self, "_is_last_step_skipped", False):
+            g.integrity.take_reference()  # the DP step is the one allowed change
+        return out
 
     def _check_only_dp_updates(self) -> None:
         """The inner optimizer's step may apply only the noised gradients of the parameters
         the DP optimizer clips: a ``.grad`` on another parameter of its groups (a frozen one,
-        which torch's optimizers still update) and step hooks (which run inside the step) are
-        refused."""
+        which torch's optimizers still update), step hooks (which run inside the step) and a
+        replaced ``step`` method (other than torch's learning-rate-scheduler counter around
+        the class's own step) are refused."""
         inner = self.original_optimizer
+        own = vars(inner).get("step")
+        if own is not None and getattr(own, "__wrapped__", None) is not type(inner).step:
+            raise SampleMixingError(
+                f"the optimizer's step method was replaced ({own!r}): whatever it does would be "
+                f"taken for the noisy update. Use the optimizer class's own step")
         clipped = {id(p) for p in self.params}
         foreign = [i for group in inner.param_groups for i, p in enumerate(group["params"])
                    if p.grad is not None and id(p) not in clipped]

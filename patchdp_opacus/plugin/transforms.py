@@ -482,12 +482,48 @@ def _global_names(code: types.CodeType) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _held(obj):
+_CODE = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType)
+
+
+def _users(module_name) -> bool:
+    """Whether a module is the user's (not one of the known libraries or the standard ones)."""
+    return (module_name or "").split(".")[0].lstrip("_") not in _NOT_WALKED_CLASS_ROOTS
+
+
+def _globals_read(function, deep: bool):
+    """The module globals ``function``'s code names: data always; with ``deep``, also the
+    user's own functions it calls, and the data attributes of the user's modules and classes
+    it names (``state.RUN``, ``Running.total``)."""
+    names = _global_names(function.__code__)
+    for name in names:
+        if name not in function.__globals__:
+            continue
+        value = function.__globals__[name]
+        if not isinstance(value, _CODE):
+            yield f".<global {name}>", value
+        elif not deep:
+            continue
+        elif isinstance(value, types.FunctionType) and _users(value.__module__):
+            yield f".<global {name}>", value
+        elif isinstance(value, (types.ModuleType, type)) and \
+                _users(value.__name__ if isinstance(value, types.ModuleType)
+                       else value.__module__):
+            namespace = vars(value)
+            for attr in names:
+                if attr in namespace and not attr.startswith("__") and \
+                        (not isinstance(namespace[attr], _CODE) or
+                         isinstance(namespace[attr], types.FunctionType)):
+                    yield f".<global {name}>.{attr}", namespace[attr]
+
+
+def _held(obj, deep: bool = False):
     """``(where suffix, value)`` of everything ``obj`` holds: a partial's function and
     arguments; a function's closure cells and default arguments; a bound method's object and
     function; instance attributes, ``__slots__`` and class attributes of classes defined
     outside the known libraries (a transform kept on the class is used like one on the
-    instance; methods and other code on the class are not data)."""
+    instance; methods and other code on the class are not data); the module data the user's
+    functions read (:func:`_globals_read`, ``deep`` for the post-crop stage, where helper
+    functions are not transforms to classify but may hold state)."""
     if isinstance(obj, functools.partial):
         yield ".func", obj.func
         yield ".args", [*obj.args, *obj.keywords.values()]
@@ -505,13 +541,8 @@ def _held(obj):
             yield ".__defaults__", obj.__defaults__
         if obj.__kwdefaults__:
             yield ".__kwdefaults__", obj.__kwdefaults__
-        module = (obj.__module__ or "").split(".")[0].lstrip("_")
-        if module not in _NOT_WALKED_CLASS_ROOTS:  # the user's own functions
-            for name in _global_names(obj.__code__):
-                value = obj.__globals__.get(name)
-                if not isinstance(value, (types.ModuleType, type, types.FunctionType,
-                                          types.BuiltinFunctionType)) and name in obj.__globals__:
-                    yield f".<global {name}>", value
+        if _users(obj.__module__):  # the user's own functions: the module data they read
+            yield from _globals_read(obj, deep)
     attributes = getattr(obj, "__dict__", None)
     attributes = attributes if isinstance(attributes, dict) else {}
     yield from ((f".{key}", value) for key, value in list(attributes.items()))
@@ -728,7 +759,7 @@ def post_crop_state(transform) -> tuple:
             for i, value in enumerate(list(items)):
                 visit(value, f"{where}[{i}]")
             return
-        for suffix, value in _held(obj):
+        for suffix, value in _held(obj, deep=True):
             if not _per_call_record(obj, suffix[1:]):
                 visit(value, f"{where}{suffix}")
 
@@ -796,7 +827,7 @@ def inspect_post_crop(transform) -> InspectionReport:
             raise TransformNotAllowedError(f"{where}: {POST_CROP_READS_DATA}",
                                            name=qualified_name(obj), where=where, verdict=DENY,
                                            reason=POST_CROP_READS_DATA)
-        for suffix, value in _held(obj):
+        for suffix, value in _held(obj, deep=True):
             visit(value, f"{where}{suffix}")
         report._add(report.checked, qualified_name(obj))
 
