@@ -8,31 +8,14 @@ the code it was written against.  Each one is small: tiny models, 20x20 images, 
 import pytest
 import torch
 import torchvision.transforms.v2 as T2
+from attack_helpers import CROP, REGION, SAFE_ERRORS, SIZE
+from attack_helpers import make_loader as _loader
+from attack_helpers import make_private as _private
 from plugin_helpers import TinySegData, TinySegNet, per_image_ce
 from torch import nn
 from torch.utils.data import DataLoader
 
 from patchdp_opacus import PrivacyEngine
-
-CROP, REGION, SIZE = (8, 8), (1, 1), (20, 20)   # p = 64/169 < 1
-SAFE_ERRORS = (RuntimeError, ValueError, TypeError)
-
-
-def _loader(n=24, batch_size=6, **kw):
-    return DataLoader(TinySegData(n, SIZE), batch_size=batch_size, **kw)
-
-
-def _private(model, *, mode="hooks", noise=1.0, clip=1.0, lr=0.1, loader=None, optimizer=None,
-             **kw):
-    optimizer = optimizer or torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad], lr=lr)
-    engine = PrivacyEngine()
-    out = engine.make_private(module=model, optimizer=optimizer,
-                              data_loader=loader if loader is not None else _loader(),
-                              noise_multiplier=noise, max_grad_norm=clip, crop=CROP,
-                              private_region=REGION, criterion=per_image_ce(),
-                              grad_sample_mode=mode, **kw)
-    return engine, out
 
 
 def _params(model):
@@ -348,7 +331,10 @@ def test_transforms_outside_the_instance_dict_are_inspected(dataset_cls):
     """The walk reads ``obj.__dict__`` only: a transform held as a class attribute or in a
     ``__slots__`` slot (also ``@dataclass(slots=True)``) is never classified, so a rotation
     before the crop is accepted (``inspection.checked == []``)."""
-    from patchdp_opacus.plugin.transforms import TransformNotAllowedError, inspect_dataset
+    from patchdp_opacus.plugin.transforms import (
+        TransformNotAllowedError,
+        inspect_dataset,
+    )
 
     with pytest.raises(TransformNotAllowedError):
         inspect_dataset(dataset_cls())
@@ -414,7 +400,10 @@ def test_albumentations_random_or_area_resize_before_the_crop_is_refused(make):
     not hold."""
     import albumentations as A
 
-    from patchdp_opacus.plugin.transforms import TransformNotAllowedError, inspect_pipeline
+    from patchdp_opacus.plugin.transforms import (
+        TransformNotAllowedError,
+        inspect_pipeline,
+    )
 
     with pytest.raises(TransformNotAllowedError):
         inspect_pipeline(A.Compose([make()]))

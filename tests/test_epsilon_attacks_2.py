@@ -10,31 +10,12 @@ import json
 import pytest
 import torch
 import torchvision.transforms.v2 as T2
-from plugin_helpers import TinySegData, TinySegNet, per_image_ce
+from attack_helpers import CROP, REGION, SAFE_ERRORS, SIZE
+from attack_helpers import make_loader as _loader
+from attack_helpers import make_private as _private
+from plugin_helpers import TinySegNet, per_image_ce
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
-
-from patchdp_opacus import PrivacyEngine
-
-CROP, REGION, SIZE = (8, 8), (1, 1), (20, 20)   # p = 64/169 < 1
-SAFE_ERRORS = (RuntimeError, ValueError, TypeError)
-
-
-def _loader(n=24, batch_size=6, dataset=None, **kw):
-    return DataLoader(dataset if dataset is not None else TinySegData(n, SIZE),
-                      batch_size=batch_size, **kw)
-
-
-def _private(model, *, mode="hooks", noise=1.0, clip=1.0, optimizer=None, loader=None, **kw):
-    optimizer = optimizer or torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad], lr=0.1)
-    engine = PrivacyEngine()
-    out = engine.make_private(module=model, optimizer=optimizer,
-                              data_loader=loader if loader is not None else _loader(),
-                              noise_multiplier=noise, max_grad_norm=clip, crop=CROP,
-                              private_region=REGION, criterion=per_image_ce(),
-                              grad_sample_mode=mode, **kw)
-    return engine, out
 
 
 def _snapshot(params):

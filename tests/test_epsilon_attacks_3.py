@@ -11,38 +11,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from attack_helpers import CROP, REGION, SAFE_ERRORS, SIZE
+from attack_helpers import dp_pass as _dp_pass
+from attack_helpers import make_loader as _loader
+from attack_helpers import make_private as _private
 from plugin_helpers import TinySegData, TinySegNet, per_image_ce
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
-
-from patchdp_opacus import PrivacyEngine
-
-CROP, REGION, SIZE = (8, 8), (1, 1), (20, 20)   # p = 64/169 < 1
-SAFE_ERRORS = (RuntimeError, ValueError, TypeError)
-
-
-def _loader(n=24, batch_size=6, dataset=None, **kw):
-    return DataLoader(dataset if dataset is not None else TinySegData(n, SIZE),
-                      batch_size=batch_size, **kw)
-
-
-def _private(model, *, mode="hooks", optimizer=None, **kw):
-    optimizer = optimizer or torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad], lr=0.1)
-    engine = PrivacyEngine()
-    out = engine.make_private(module=model, optimizer=optimizer, data_loader=_loader(),
-                              noise_multiplier=1.0, max_grad_norm=1.0, crop=CROP,
-                              private_region=REGION, criterion=per_image_ce(),
-                              grad_sample_mode=mode, **kw)
-    return engine, out
-
-
-def _dp_pass(model, opt, loader):
-    """One pass of the plain DP loop over the returned loader."""
-    for x, y in loader:
-        opt.zero_grad()
-        per_image_ce()(model(x), y).backward()
-        opt.step()
 
 
 class _Prototypes(nn.Module):

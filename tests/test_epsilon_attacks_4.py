@@ -15,30 +15,12 @@ fails on the code it was written against.  Tiny models and data, seconds each.
 import numpy as np
 import pytest
 import torch
-from plugin_helpers import TinySegData, TinySegNet, per_image_ce
+from attack_helpers import CROP, REGION, SAFE_ERRORS, SIZE
+from attack_helpers import make_private as _private
+from attack_helpers import read_claim as _claim
+from plugin_helpers import TinySegNet, per_image_ce
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from patchdp_opacus import PrivacyEngine
-
-CROP, REGION, SIZE = (8, 8), (1, 1), (20, 20)   # p = 64/169 < 1
-SAFE_ERRORS = (RuntimeError, ValueError, TypeError)
-
-
-def _loader(n=24, batch_size=6, dataset=None, **kw):
-    return DataLoader(dataset if dataset is not None else TinySegData(n, SIZE),
-                      batch_size=batch_size, **kw)
-
-
-def _private(model, *, mode="hooks", optimizer=None, **kw):
-    optimizer = optimizer or torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad], lr=0.1)
-    engine = PrivacyEngine()
-    out = engine.make_private(module=model, optimizer=optimizer, data_loader=_loader(),
-                              noise_multiplier=1.0, max_grad_norm=1.0, crop=CROP,
-                              private_region=REGION, criterion=per_image_ce(),
-                              grad_sample_mode=mode, **kw)
-    return engine, out
 
 
 def _plain_grads(model, x, y):
@@ -47,14 +29,6 @@ def _plain_grads(model, x, y):
     twin.load_state_dict(model.state_dict())
     per_image_ce()(twin(x), y).backward()
     return [p.grad.detach().clone() for p in twin.parameters()]
-
-
-def _claim(engine):
-    """What the user prints: every reading of the claim (with its integrity checks)."""
-    eps = engine.get_epsilon(1e-3)
-    engine.accountant.get_epsilon(1e-3)
-    engine.privacy_report(1e-3)
-    return eps
 
 
 # --- finding 1: a closure passed to step() runs after the check, before the re-take ------------
