@@ -148,6 +148,11 @@ def _via_getattr(sample):
     return image.float() - run["sum"] / run["n"], mask
 
 
+# A known limit of a static walk (README, "What no check can see": state a post-crop stage
+# reaches by a name computed at run time).  strict: the day the fingerprint sees it, this fails
+# and the README line goes.
+@pytest.mark.xfail(strict=True, reason="post-crop state reached by a run-time name (getattr "
+                   "with a string, sys.modules) is outside the fingerprint; documented in README")
 @pytest.mark.parametrize("stage", [_via_getattr, _via_sys_modules],
                          ids=["getattr", "sys_modules"])
 def test_a_post_crop_stage_with_state_reached_by_getattr_or_sys_modules_is_refused(stage):

@@ -46,6 +46,7 @@ import copy
 import functools
 import logging
 import secrets
+import types
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -332,6 +333,46 @@ def check_clipped_grads(optimizer) -> None:
               "touch .grad between loss.backward() and optimizer.step()")
 
 
+def _code_outside_torch_optim(function) -> list[str]:
+    """Names of the functions a step method runs (itself, what it wraps, the functions in its
+    closures, recursively) whose code is not torch.optim's: an optimizer's own step, torch's
+    profiling and no-grad wrappers and the learning-rate scheduler's step counter are
+    torch.optim's; a subclass's or a patched step is not."""
+    import os
+
+    from torch import optim
+
+    home = os.path.dirname(optim.__file__)
+    foreign, seen, todo = [], set(), [function]
+    while todo:
+        fn = todo.pop()
+        fn = getattr(fn, "__func__", fn)  # a bound method: its function
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            foreign.append(repr(fn))  # a callable object: its code is not checked
+            continue
+        if os.path.dirname(os.path.abspath(code.co_filename)) != home:
+            foreign.append(f"{fn.__qualname__} in {code.co_filename}")
+        todo.append(getattr(fn, "__wrapped__", None))
+        todo += [value for value in map(_cell_value, fn.__closure__ or ())
+                 if callable(value) and not isinstance(value, _RUNS_NO_CODE)]
+    return foreign
+
+
+#: Callables that run no Python code of their own (weak references return their object).
+_RUNS_NO_CODE = (weakref.ref, type, types.BuiltinFunctionType)
+
+
+def _cell_value(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
 def _global_step_hooks(kind: str) -> dict:
     from torch.optim import optimizer as torch_optimizer
 
@@ -431,19 +472,14 @@ class LogicalBatchGuard(NoiseSourceMixin):
 
         sampler.on_iteration_start.append(on_iteration_start)
 
-    # The accountant's hook is the engine's and always runs; ``attach_step_hook`` (Opacus'
-    # API) adds the user's hook after it instead of replacing it.
+    # The hook Opacus runs inside pre_step (after the noise, before the update) is the
+    # engine's accounting hook only.  A hook attached with Opacus' ``attach_step_hook`` (or
+    # assigned to ``step_hook``) runs after the update of every noisy step, once the new
+    # reference is taken: it may read what the step released, and whatever it changes is
+    # caught by the next check -- inside pre_step it could rewrite the noised gradient.
     @property
     def step_hook(self):
-        engine, user = self.__dict__.get("_accounting_hook"), self.__dict__.get("_user_hook")
-        if engine is None or user is None:
-            return engine or user
-
-        def both(optimizer):
-            engine(optimizer)
-            user(optimizer)
-
-        return both
+        return self.__dict__.get("_accounting_hook")
 
     @step_hook.setter
     def step_hook(self, fn) -> None:
@@ -480,9 +516,12 @@ class LogicalBatchGuard(NoiseSourceMixin):
     def step(self, closure=None):
         g = self._guard
         out = super().step(closure)
-        if g is not None and g.integrity is not None \
-                and not getattr(self, "_is_last_step_skipped", False):
-            g.integrity.take_reference()  # the DP step is the one allowed change
+        if g is not None and not getattr(self, "_is_last_step_skipped", False):
+            if g.integrity is not None:
+                g.integrity.take_reference()  # the DP step is the one allowed change
+            user_hook = self.__dict__.get("_user_hook")
+            if user_hook is not None:
+                user_hook(self)
         return out
 
     def _check_only_dp_updates(self) -> None:
@@ -492,11 +531,14 @@ class LogicalBatchGuard(NoiseSourceMixin):
         replaced ``step`` method (other than torch's learning-rate-scheduler counter around
         the class's own step) are refused."""
         inner = self.original_optimizer
-        own = vars(inner).get("step")
-        if own is not None and getattr(own, "__wrapped__", None) is not type(inner).step:
-            raise SampleMixingError(
-                f"the optimizer's step method was replaced ({own!r}): whatever it does would be "
-                f"taken for the noisy update. Use the optimizer class's own step")
+        for step in (vars(inner).get("step"), type(inner).step):
+            foreign = _code_outside_torch_optim(step)
+            if foreign:
+                raise SampleMixingError(
+                    f"the optimizer's step runs code outside torch.optim ({foreign[:3]}): the "
+                    f"engine cannot tell its update from a write of un-noised data into the "
+                    f"model. Use a torch.optim optimizer (SGD, Adam, AdamW, ...) with its own "
+                    f"step; torch's learning-rate schedulers are fine")
         clipped = {id(p) for p in self.params}
         foreign = [i for group in inner.param_groups for i, p in enumerate(group["params"])
                    if p.grad is not None and id(p) not in clipped]
