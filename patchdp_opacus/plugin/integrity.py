@@ -486,9 +486,9 @@ class LogicalBatchGuard(NoiseSourceMixin):
         self.__dict__["_user_hook"] = fn
 
     def attach_accounting_hook(self, fn: Callable) -> None:
-        """The engine's step hook (charges the accountant): runs first at every noisy step,
-        whatever hook the user attaches, and once (a user hook that chains the hook it read
-        from ``step_hook`` calls it a second time)."""
+        """The engine's step hook (charges the accountant): the one hook inside ``pre_step``,
+        run once per noisy step (a user hook that chains the hook it read from ``step_hook``
+        calls it again after the update: that call does nothing)."""
         def once(optimizer):
             if not self.__dict__.get("_accounted"):
                 self.__dict__["_accounted"] = True
@@ -528,8 +528,8 @@ class LogicalBatchGuard(NoiseSourceMixin):
         """The inner optimizer's step may apply only the noised gradients of the parameters
         the DP optimizer clips: a ``.grad`` on another parameter of its groups (a frozen one,
         which torch's optimizers still update), step hooks (which run inside the step) and a
-        replaced ``step`` method (other than torch's learning-rate-scheduler counter around
-        the class's own step) are refused."""
+        step that runs code outside torch.optim (:func:`_code_outside_torch_optim`) are
+        refused."""
         inner = self.original_optimizer
         for step in (vars(inner).get("step"), type(inner).step):
             foreign = _code_outside_torch_optim(step)
