@@ -47,3 +47,57 @@ def read_claim(engine, delta=1e-3):
     engine.accountant.get_epsilon(delta)
     engine.privacy_report(delta)
     return eps
+
+
+def post_crop_refused(stage, dataset=None) -> bool:
+    """One pass of a crop-aware loader with ``stage`` as its post-crop transform (12 uint8
+    images by default): True if it was refused."""
+    from torch.utils.data import TensorDataset
+
+    from patchdp_opacus.plugin.loader import CropDPDataLoader
+
+    if dataset is None:
+        g = torch.Generator().manual_seed(0)
+        dataset = TensorDataset(
+            torch.randint(0, 256, (12, 3, *SIZE), dtype=torch.uint8, generator=g),
+            torch.randint(0, 3, (12, *SIZE), generator=g))
+    try:
+        loader = CropDPDataLoader.from_data_loader(
+            DataLoader(dataset, batch_size=4), crop=CROP, private_region=REGION,
+            image_sizes=[SIZE], post_crop_transform=stage)
+        for _ in loader:
+            pass
+    except SAFE_ERRORS:
+        return True
+    return False
+
+
+# noise 1, C = 1, lr 1, B = 6, ~900 weights: an honest DP step moves the weights by ~5
+HONEST_MOVE = 100.0
+
+
+def params_of(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def moved(model, before) -> float:
+    """Euclidean distance of the model's parameters from ``before``."""
+    return float(torch.sqrt(sum(((p.detach() - b) ** 2).sum()
+                                for p, b in zip(model.parameters(), before))))
+
+
+def assert_one_step_is_honest(engine, model, dp_model, opt, loader, what, crit=None):
+    """One DP step and every reading of the claim: refused (safe), or the model moved no more
+    than an honest DP step moves it."""
+    crit = crit or per_image_ce()
+    try:
+        x, y = next(iter(loader))
+        before = params_of(model)
+        opt.zero_grad()
+        crit(dp_model(x), y).backward()
+        opt.step()
+        eps = read_claim(engine)
+    except SAFE_ERRORS:
+        return
+    distance = moved(model, before)
+    assert distance < HONEST_MOVE, f"{what} moved the model by {distance:.3g}; epsilon {eps:.3g}"

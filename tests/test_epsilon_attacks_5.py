@@ -10,42 +10,21 @@ import types
 
 import pytest
 import torch
-from attack_helpers import CROP, REGION, SAFE_ERRORS, SIZE, make_private
+from attack_helpers import (
+    HONEST_MOVE,
+    SAFE_ERRORS,
+    assert_one_step_is_honest,
+    make_private,
+    post_crop_refused,
+)
+from attack_helpers import moved as _moved
+from attack_helpers import params_of as _params
 from attack_helpers import read_claim as _claim
 from plugin_helpers import TinySegNet, per_image_ce
-from torch.utils.data import DataLoader, TensorDataset
-
-# noise 1, C = 1, lr 1, B = 6, ~900 weights: an honest DP step moves the weights by ~5
-HONEST_MOVE = 100.0
 
 
 def _private(model, *, lr=1.0, **kw):
     return make_private(model, lr=lr, **kw)
-
-
-def _params(model):
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def _moved(model, before):
-    return float(torch.sqrt(sum(((p.detach() - b) ** 2).sum()
-                                for p, b in zip(model.parameters(), before))))
-
-
-def _assert_one_step_is_honest(engine, model, dp_model, opt, loader, what):
-    """One DP step and every reading of the claim: refused (safe), or the model moved no more
-    than an honest DP step moves it."""
-    try:
-        x, y = next(iter(loader))
-        before = _params(model)
-        opt.zero_grad()
-        per_image_ce()(dp_model(x), y).backward()
-        opt.step()
-        eps = _claim(engine)
-    except SAFE_ERRORS:
-        return
-    moved = _moved(model, before)
-    assert moved < HONEST_MOVE, f"{what} moved the model by {moved:.3g}; epsilon {eps:.3g}"
 
 
 # --- finding 1: a user step hook replaces the accountant's --------------------------------------
@@ -93,7 +72,7 @@ def test_a_step_hook_cannot_change_the_model_inside_the_dp_step():
                 p.add_(1e4)
 
     opt.attach_step_hook(hook)
-    _assert_one_step_is_honest(engine, model, dp_model, opt, loader, "a step hook")
+    assert_one_step_is_honest(engine, model, dp_model, opt, loader, "a step hook")
 
 
 # --- finding 2: the inner optimizer's step itself --------------------------------------------
@@ -118,7 +97,7 @@ def test_a_replaced_step_method_of_the_original_optimizer_is_refused():
         return class_step(closure)
 
     base.step = evil
-    _assert_one_step_is_honest(engine, model, dp_model, opt, loader, "a replaced inner step")
+    assert_one_step_is_honest(engine, model, dp_model, opt, loader, "a replaced inner step")
 
 
 def test_a_replaced_original_optimizer_is_refused():
@@ -135,7 +114,7 @@ def test_a_replaced_original_optimizer_is_refused():
     for p in model.parameters():
         other.state[p]["momentum_buffer"] = torch.full_like(p, 1e4)
     opt.original_optimizer = other
-    _assert_one_step_is_honest(engine, model, dp_model, opt, loader, "a swapped inner optimizer")
+    assert_one_step_is_honest(engine, model, dp_model, opt, loader, "a swapped inner optimizer")
 
 
 # --- finding 3: ghost mode releases p.grad as it finds it ------------------------------------
@@ -238,20 +217,9 @@ def test_a_post_crop_stage_with_state_reached_through_a_module_helper_or_class_i
     attribute (``Running.total += ...``).  Fix: walk user (non-library) modules' / classes'
     data attributes named by the code (``co_names`` attribute chains), and recurse into user
     functions found among the globals (their closures, defaults, globals)."""
-    from patchdp_opacus.plugin.loader import CropDPDataLoader
-
     start = _calls()[key]
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randint(0, 256, (12, 3, *SIZE), dtype=torch.uint8, generator=g),
-                         torch.randint(0, 3, (12, *SIZE), generator=g))
-    try:
-        loader = CropDPDataLoader.from_data_loader(
-            DataLoader(data, batch_size=4), crop=CROP, private_region=REGION,
-            image_sizes=[SIZE], post_crop_transform=stage)
-        for _ in loader:
-            pass
-    except SAFE_ERRORS:
-        return
+    if post_crop_refused(stage):
+        return  # refused: safe
     assert _calls()[key] - start <= 1, \
         f"the post-crop stage carried a running mean over {_calls()[key] - start} crops"
 
