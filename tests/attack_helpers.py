@@ -4,6 +4,7 @@ pass, and every reading of the claim."""
 
 import torch
 from plugin_helpers import TinySegData, per_image_ce
+from torch import nn
 from torch.utils.data import DataLoader
 
 from patchdp_opacus import PrivacyEngine
@@ -101,3 +102,17 @@ def assert_one_step_is_honest(engine, model, dp_model, opt, loader, what, crit=N
         return
     distance = moved(model, before)
     assert distance < HONEST_MOVE, f"{what} moved the model by {distance:.3g}; epsilon {eps:.3g}"
+
+
+class Prototypes(nn.Module):
+    """A 1x1 conv and frozen class "prototypes" kept as a Parameter (saved with the model,
+    in ``SGD(model.parameters())``): what prototype / memory-bank methods write from private
+    features."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.prototypes = nn.Parameter(torch.zeros(classes, 3), requires_grad=False)
+
+    def forward(self, x):
+        return self.conv(x)

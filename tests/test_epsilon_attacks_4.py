@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 from attack_helpers import CROP, REGION, SAFE_ERRORS, SIZE, post_crop_refused
+from attack_helpers import Prototypes as _FrozenHead
 from attack_helpers import make_private as _private
 from attack_helpers import read_claim as _claim
 from plugin_helpers import TinySegNet, per_image_ce
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -104,19 +104,6 @@ def test_optimizer_state_written_outside_the_dp_step_is_refused(kind):
 
 
 # --- finding 3: a frozen parameter held by the optimizer is stepped with any .grad ---------------
-class _FrozenHead(nn.Module):
-    """A trainable body and a frozen "prototype" parameter, both given to the optimizer (the
-    common ``SGD(model.parameters())``, which make_private accepts)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 1)
-        self.prototypes = nn.Parameter(torch.zeros(3, 3), requires_grad=False)
-
-    def forward(self, x):
-        return self.conv(x)
-
-
 def test_a_grad_set_on_a_frozen_parameter_of_the_optimizer_is_refused():
     """Opacus clips and noises only ``optimizer.params`` (those with ``requires_grad``); the
     original optimizer's ``step`` updates every parameter of its groups whose ``.grad`` is

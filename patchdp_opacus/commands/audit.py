@@ -14,6 +14,8 @@ from patchdp_opacus.commands import HelpFormatter, UsageError
 
 
 def register(subparsers) -> None:
+    from patchdp_opacus.commands.training import add_config_arguments
+
     p = subparsers.add_parser(
         "audit", formatter_class=HelpFormatter,
         help="audit a training config's data pipeline with neighbour pairs",
@@ -23,16 +25,13 @@ def register(subparsers) -> None:
                     "count how often any output differs; also check the crop-origin histogram "
                     "and that the accountant counts one step per logical batch. Exit code 1 "
                     "when the audit fails.")
-    p.add_argument("--config", required=True, help="YAML training config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                   help="override a config key (repeatable), as for patchdp train")
+    add_config_arguments(p)
     p.add_argument("--trials", type=int, default=1000, help="neighbour pairs")
     p.add_argument("--confidence", type=float, default=0.999,
                    help="confidence of the Clopper-Pearson interval")
     p.add_argument("--index", type=int, default=0, help="the record whose image is replaced")
     p.add_argument("--train-steps", type=int, default=2,
                    help="logical training steps for the accountant check (0: skip)")
-    p.add_argument("--data-root", help="dataset.root")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=cmd_audit, epsilon=None, noise_multiplier=None, accounting=None,
                    sigma_aug=None,

@@ -33,9 +33,7 @@ def register(subparsers) -> None:
                     "config key can be overridden with --set KEY=VALUE (dotted key, YAML value: "
                     "--set training.lr=0.1 --set privacy.crop=[505,505]); the flags below are "
                     "shortcuts for common keys, and --set is applied after them.")
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                   help="override a config key (repeatable), e.g. training.epochs=3")
+    add_config_arguments(p)
     p.add_argument("--epsilon", type=float, help="target epsilon (nats): privacy.epsilon")
     p.add_argument("--accounting", choices=("patch", "record", "gaussian_augmentation", "none"),
                    help="analysis used to calibrate the noise: privacy.accounting")
@@ -50,7 +48,6 @@ def register(subparsers) -> None:
                         "privacy.reproducible_sampling)")
     p.add_argument("--epochs", type=int, help="training.epochs")
     p.add_argument("--max-steps", type=int, help="stop after this many logical steps")
-    p.add_argument("--data-root", help="dataset.root")
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto: training.device")
     p.add_argument("--output", help="run folder (default runs/<name>/<accounting>_eps<E>_seed<S>;"
                                     " gaussian_augmentation_sigma<A>_eps<E>_seed<S>)")
@@ -148,6 +145,14 @@ def _config_error(args, exc, items) -> UsageError:
 
     origin = next((typed for key, _, typed in reversed(items) if related(key)), None)
     return UsageError(f"{origin or '--config ' + args.config}: {exc}")
+
+
+def add_config_arguments(p) -> None:
+    """``--config``, ``--set KEY=VALUE`` and ``--data-root``: what :func:`_load_cfg` reads."""
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. training.epochs=3")
+    p.add_argument("--data-root", help="dataset.root")
 
 
 def _load_cfg(args):
